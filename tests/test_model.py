@@ -1,0 +1,479 @@
+"""model.py: our transformer computes what transformers computes, for every way a model arrives (GGUF, HF folders,
+our own folders); the KV cache is exact; bad input fails with one clear UserError."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import model as M  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+gguf = pytest.importorskip("gguf")
+
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The 2-core test machine is shared: one thread per process wastes no time in contended thread barriers.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_config(**kw):
+    base = dict(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=128)
+    base.update(kw)
+    return M.ModelConfig(**base)
+
+
+def tiny_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    m = M.Transformer(tiny_config(**kw)).eval()
+    with torch.no_grad():  # norms away from 1 so a mistaken norm weight shows up
+        for name, p in m.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return m
+
+
+def hf_gguf(path):
+    """transformers' own reading of a GGUF (from_pretrained(gguf_file=...) when accelerate is there, which that
+    path requires; otherwise the same conversion function it calls, loaded into LlamaForCausalLM)."""
+    try:
+        import accelerate  # noqa: F401
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
+    except ImportError:
+        pass
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    cfg = transformers.LlamaConfig(**load_gguf_checkpoint(path)["config"])
+    with torch.device("meta"):
+        m = transformers.LlamaForCausalLM(cfg)
+    sd = load_gguf_checkpoint(path, return_tensors=True, model_to_load=m)["tensors"]
+    m.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False, assign=True)
+    m.tie_weights()
+    m.model.rotary_emb = type(m.model.rotary_emb)(config=cfg)  # its buffers were on meta
+    return m.eval()
+
+
+# -----------------------------------------------------------------------------
+# The real target: SmolLM2-135M-Instruct Q4_1
+
+@pytest.fixture(scope="module")
+def smollm2_pair():
+    try:
+        path = M.resolve_spec("smollm2")
+    except M.UserError as e:
+        pytest.skip(str(e))
+    return M.load_model("smollm2"), hf_gguf(path)
+
+
+def test_smollm2_logits_match_transformers(smollm2_pair):
+    ours, theirs = smollm2_pair
+    assert ours.config.n_layers == 30 and ours.config.dim == 576 and ours.config.tie_embeddings
+    prompts = [
+        [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 2, 198],
+        [504, 3458, 282, 4649, 314, 4103, 30, 378, 3458, 282, 4649, 314],
+        list(range(100, 40000, 3333)),
+    ]
+    with torch.no_grad():
+        for p in prompts:
+            idx = torch.tensor([p])
+            a, b = ours(idx), theirs(idx).logits
+            assert a.dtype == torch.float32
+            torch.testing.assert_close(a, b, atol=1e-3, rtol=0)
+
+
+def test_smollm2_cached_decoding_matches_full_forward(smollm2_pair):
+    ours, _ = smollm2_pair
+    idx = torch.tensor([[1, 9690, 198, 2683, 359, 253, 5356]])
+    with torch.no_grad():
+        full = ours(idx)
+        ours.setup_cache(1, 16)
+        steps = [ours(idx[:, :5], input_pos=0, last_n=1)]
+        steps += [ours(idx[:, t:t + 1], input_pos=t) for t in range(5, 7)]
+        ours.clear_cache()
+    torch.testing.assert_close(torch.cat(steps, 1), full[:, 4:], atol=1e-4, rtol=0)
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face folders in, our folders out
+
+def hf_llama(tie=False, rope_scaling=None):
+    torch.manual_seed(1)
+    cfg = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=tie,
+        rope_theta=500000.0 if rope_scaling else 10000.0, rope_scaling=rope_scaling, bos_token_id=1,
+        eos_token_id=2)
+    m = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return m
+
+
+def ids(T=24, B=2, seed=0):
+    return torch.randint(0, 128, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def assert_same_logits(ours, theirs, idx, atol=1e-4):
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx), theirs(idx).logits.float(), atol=atol, rtol=0)
+
+
+def test_hf_llama_folder_loads_with_same_logits(tmp_path):
+    hf = hf_llama()
+    hf.save_pretrained(tmp_path / "llama")
+    ours = M.load_model(tmp_path / "llama")
+    assert not ours.config.tie_embeddings and ours.config.eos_id == 2
+    assert_same_logits(ours, hf, ids())
+
+
+def test_sharded_hf_folder_loads(tmp_path):
+    hf = hf_llama(tie=True)
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="50KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    assert_same_logits(M.load_model(tmp_path / "sharded"), hf, ids())
+
+
+def test_hf_phi3_folder_splits_fused_projections(tmp_path):
+    torch.manual_seed(2)
+    cfg = transformers.Phi3Config(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, original_max_position_embeddings=128,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    hf = transformers.Phi3ForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path / "phi3")
+    assert_same_logits(M.load_model(tmp_path / "phi3"), hf, ids())
+
+
+def test_hf_mistral_folder_loads_with_same_logits(tmp_path):
+    torch.manual_seed(3)
+    cfg = transformers.MistralConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, max_position_embeddings=128, sliding_window=None, tie_word_embeddings=False)
+    hf = transformers.MistralForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path / "mistral")
+    assert_same_logits(M.load_model(tmp_path / "mistral"), hf, ids())
+
+
+def test_llama3_rope_scaling_matches_transformers(tmp_path):
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+    hf = hf_llama(rope_scaling=scaling)
+    hf.save_pretrained(tmp_path / "l3")
+    ours = M.load_model(tmp_path / "l3")
+    assert ours.config.rope_scaling["rope_type"] == "llama3"
+    torch.testing.assert_close(M.rope_frequencies(ours.config), hf.model.rotary_emb.inv_freq.float())
+    assert_same_logits(ours, hf, ids(T=100, B=1))
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_save_model_loads_in_transformers_and_round_trips(tmp_path, tie):
+    ours = tiny_model(tie_embeddings=tie, bos_id=1, eos_id=2, eos_ids=[3], tokenizer="smollm2",
+                      rope_scaling=None if tie else {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                     "high_freq_factor": 4.0,
+                                                     "original_max_position_embeddings": 32})
+    M.save_model(ours, tmp_path / "draft", extra={"step": 7})
+    cfg = json.loads((tmp_path / "draft" / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"]
+    assert cfg["fastdraft"]["tokenizer"] == "smollm2" and cfg["fastdraft"]["step"] == 7
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "draft").eval()
+    assert_same_logits(ours, hf, ids())
+    again = M.load_model(tmp_path / "draft")
+    assert again.config == ours.config
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids()), ours(ids()), atol=0, rtol=0)
+
+
+def test_save_model_replaces_atomically(tmp_path):
+    M.save_model(tiny_model(seed=0), tmp_path / "d")
+    M.save_model(tiny_model(seed=1), tmp_path / "d")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+    with torch.no_grad():
+        torch.testing.assert_close(M.load_model(tmp_path / "d")(ids()), tiny_model(seed=1)(ids()))
+
+
+# -----------------------------------------------------------------------------
+# GGUF files we write ourselves: every supported storage type, llama.cpp's q/k row order
+
+def llamacpp_permute(w, n_head):
+    """What llama.cpp's converter does to q/k rows (HF rotate-half order -> interleaved pairs)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def k_quant_bytes(rows, cols, qtype, seed=0):
+    """Random but valid Q4_K / Q6_K blocks (gguf can dequantize these types but not produce them)."""
+    from gguf import GGMLQuantizationType as Q
+    block = {Q.Q4_K: 144, Q.Q6_K: 210}[qtype]
+    data = np.random.default_rng(seed).integers(0, 256, (rows, cols // 256, block), dtype=np.uint8)
+    scale = np.frombuffer(np.float16(0.01).tobytes(), dtype=np.uint8)
+    if qtype == Q.Q4_K:   # block = d, dmin (fp16), 12 bytes of 6-bit scales, 128 bytes of nibbles
+        data[:, :, 0:2] = scale
+        data[:, :, 2:4] = scale
+    else:                 # block = 128 low nibbles, 64 high bits, 16 int8 scales, d (fp16)
+        data[:, :, 208:210] = scale
+    return data.reshape(rows, -1)
+
+
+def write_gguf(path, m, arch="llama", types=None, k_quants=None):
+    """Write our model as llama.cpp would; returns the state dict the file really holds (after quantization)."""
+    from gguf import GGMLQuantizationType as Q
+    c = m.config
+    types = types or [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1]
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(c.n_layers)
+    w.add_context_length(c.max_seq_len)
+    w.add_embedding_length(c.dim)
+    w.add_feed_forward_length(c.ffn_dim)
+    w.add_head_count(c.n_heads)
+    w.add_head_count_kv(c.n_kv_heads)
+    w.add_rope_freq_base(c.rope_theta)
+    w.add_layer_norm_rms_eps(c.norm_eps)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    names = {v: k for k, v in M._GGUF_NAMES.items()}
+    expected = {}
+    for i, (name, t) in enumerate(M.hf_state_dict(m).items()):
+        a = t.float().numpy()
+        name = name.removeprefix("model.")
+        if name == "embed_tokens.weight":
+            gname = "token_embd.weight"
+        elif name == "norm.weight":
+            gname = "output_norm.weight"
+        elif name == "lm_head.weight":
+            gname = "output.weight"
+        else:
+            _, n, rest = name.split(".", 2)
+            gname = f"blk.{n}.{names[rest[:-len('.weight')]]}.weight"
+        if gname.endswith("attn_q.weight"):
+            a = llamacpp_permute(a, c.n_heads)
+        elif gname.endswith("attn_k.weight"):
+            a = llamacpp_permute(a, c.n_kv_heads)
+        qtype = Q.F32 if a.ndim == 1 else types[i % len(types)]
+        data = gguf.quants.quantize(a, qtype) if qtype != Q.F32 else a
+        if gname in (k_quants or {}):
+            qtype = k_quants[gname]
+            data = k_quant_bytes(*a.shape, qtype, seed=i)
+        w.add_tensor(gname, data, raw_dtype=qtype)
+        expected[name] = torch.from_numpy(gguf.quants.dequantize(data, qtype).reshape(a.shape).copy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    for name, n_head in (("q_proj", c.n_heads), ("k_proj", c.n_kv_heads)):  # what our loader must recover
+        for layer in range(c.n_layers):
+            key = f"layers.{layer}.self_attn.{name}.weight"
+            expected[key] = unpermute_ref(expected[key], n_head)
+    return expected
+
+
+def unpermute_ref(w, n_head):
+    """The inverse of llamacpp_permute, written independently of model._unpermute."""
+    rows, dim = w.shape
+    return w.reshape(n_head, rows // n_head // 2, 2, dim).transpose(1, 2).reshape(rows, dim)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_gguf_dequantizes_and_unpermutes(tmp_path, tie):
+    m = tiny_model(tie_embeddings=tie)
+    expected = write_gguf(tmp_path / "m.gguf", m)
+    loaded = M.load_model(tmp_path / "m.gguf")
+    assert loaded.config.tie_embeddings == tie and loaded.config.eos_id == 2
+    sd = {k.removeprefix("model."): v for k, v in M.hf_state_dict(loaded).items()}
+    assert set(sd) == set(expected)
+    for name, t in expected.items():
+        torch.testing.assert_close(sd[name], t, atol=0, rtol=0, msg=name)
+    # float32 storage only: the GGUF model computes exactly what the original does
+    write_gguf(tmp_path / "f32.gguf", m, types=[gguf.GGMLQuantizationType.F32])
+    with torch.no_grad():
+        torch.testing.assert_close(M.load_model(tmp_path / "f32.gguf")(ids()), m(ids()), atol=1e-5, rtol=0)
+
+
+def test_gguf_k_quants_load(tmp_path):
+    from gguf import GGMLQuantizationType as Q
+    m = tiny_model(ffn_dim=256)  # K-quants pack rows in blocks of 256
+    expected = write_gguf(tmp_path / "k.gguf", m, types=[Q.F32],
+                          k_quants={"blk.0.ffn_down.weight": Q.Q4_K, "blk.1.ffn_down.weight": Q.Q6_K})
+    sd = {k.removeprefix("model."): v for k, v in M.hf_state_dict(M.load_model(tmp_path / "k.gguf")).items()}
+    for name, t in expected.items():
+        torch.testing.assert_close(sd[name], t, atol=0, rtol=0, msg=name)
+    assert sd["layers.0.mlp.down_proj.weight"].abs().max() > 0
+
+
+# -----------------------------------------------------------------------------
+# The static KV cache
+
+def test_training_forward_equals_cached_forward_and_hidden_head():
+    m, x = tiny_model(), ids(T=20)
+    with torch.no_grad():
+        full = m(x)
+        m.setup_cache(2, 32)
+        torch.testing.assert_close(m(x, input_pos=0), full, atol=1e-5, rtol=0)
+        torch.testing.assert_close(m(x, input_pos=0, last_n=3), full[:, -3:], atol=1e-5, rtol=0)
+        torch.testing.assert_close(m.head(m.hidden(x)), full, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_incremental_decoding_matches_full_forward(kv_heads):
+    m, x = tiny_model(n_kv_heads=kv_heads), ids(T=20)
+    with torch.no_grad():
+        full = m(x)
+        m.setup_cache(2, 32)
+        one = torch.cat([m(x[:, t:t + 1], input_pos=t) for t in range(20)], dim=1)
+        torch.testing.assert_close(one, full, atol=1e-5, rtol=0)
+        chunks, pos = [], 0
+        for n in (3, 1, 5, 2, 9):
+            chunks.append(m(x[:, pos:pos + n], input_pos=pos))
+            pos += n
+        torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_rewriting_from_earlier_position_equals_fresh_cache():
+    m, x = tiny_model(), ids(T=16, B=1)
+    junk = ids(T=6, B=1, seed=5)
+    with torch.no_grad():
+        m.setup_cache(1, 32)
+        m(x[:, :10], input_pos=0)
+        m(junk, input_pos=10)            # a rejected draft: slots 10..15 now hold stale keys
+        m(junk[:, :2], input_pos=16)     # and even beyond
+        rolled = m(x[:, 10:], input_pos=10)
+        m.setup_cache(1, 32)
+        m(x[:, :10], input_pos=0)
+        fresh = m(x[:, 10:], input_pos=10)
+    torch.testing.assert_close(rolled, fresh, atol=1e-6, rtol=0)
+    torch.testing.assert_close(rolled, m(x)[:, 10:], atol=1e-5, rtol=0)
+
+
+def test_left_padded_row_equals_unpadded_row():
+    m = tiny_model()
+    long, short = ids(T=12, B=1, seed=1), ids(T=7, B=1, seed=2)
+    pad = torch.tensor([0, 5])
+    batch = torch.cat([long, torch.cat([torch.zeros(1, 5, dtype=torch.long), short], 1)], 0)   # (2, 12)
+    nxt = ids(T=3, B=2, seed=3)
+    with torch.no_grad():
+        m.setup_cache(2, 32)
+        b_prefill = m(batch, input_pos=0, pad=pad, last_n=1)
+        b_steps = [m(nxt[:, t:t + 1], input_pos=12 + t, pad=pad) for t in range(3)]
+        m.setup_cache(1, 32)
+        s_prefill = m(short, input_pos=0, last_n=1)
+        s_steps = [m(nxt[1:, t:t + 1], input_pos=7 + t) for t in range(3)]
+        alone_long = m(torch.cat([long, nxt[:1]], 1))
+    assert torch.isfinite(b_prefill).all()
+    torch.testing.assert_close(b_prefill[1], s_prefill[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.cat(b_steps, 1)[1], torch.cat(s_steps, 1)[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.cat(b_steps, 1)[0], alone_long[0, 12:], atol=1e-5, rtol=0)
+
+
+# -----------------------------------------------------------------------------
+# Presets, devices, dtypes
+
+def test_presets_have_documented_sizes():
+    sizes = {}
+    for name, cfg in M.PRESETS.items():
+        with torch.device("meta"):
+            sizes[name] = M.Transformer(cfg).num_params() / 1e6
+    assert 10 < sizes["cpu-small"] < sizes["cpu-base"] <= 20
+    assert 45 < sizes["fastdraft-50m"] < 55 and 140 < sizes["fastdraft-150m"] < 160
+    assert M.PRESETS["fastdraft-150m"].rope_scaling["rope_type"] == "llama3"
+    m = tiny_model()
+    assert m.num_params(non_embedding=True) == m.num_params() - 128 * 64
+    assert m.flops_per_token(100) > 6 * m.num_params(non_embedding=True)
+
+
+def test_device_and_dtype_helpers():
+    assert M.pick_device("cpu").type == "cpu"
+    assert M.pick_device("auto").type in ("cpu", "cuda", "mps", "hpu")
+    with pytest.raises(M.UserError, match="habana"):
+        if M.importlib.util.find_spec("habana_frameworks") is not None:
+            pytest.skip("Habana bridge installed")
+        M.pick_device("hpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(M.UserError, match="cuda"):
+            M.pick_device("cuda")
+    with pytest.raises(M.UserError):
+        M.pick_device("tpu")
+    assert M.parse_dtype("auto") is None and M.parse_dtype("bfloat16") is torch.bfloat16
+    with pytest.raises(M.UserError):
+        M.parse_dtype("int3")
+    with M.autocast(torch.device("cpu")):
+        pass
+    M.sync(torch.device("cpu"))
+    M.mark_step(torch.device("cpu"))
+
+
+def test_load_in_bfloat16(tmp_path):
+    M.save_model(tiny_model(), tmp_path / "d")
+    m = M.load_model(tmp_path / "d", dtype="bfloat16")
+    assert m.embed_tokens.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        m.setup_cache(1, 8)
+        assert m(ids(T=4, B=1), input_pos=0).dtype == torch.float32
+
+
+# -----------------------------------------------------------------------------
+# Bad input: one clear line
+
+def test_bad_inputs_raise_user_errors(tmp_path):
+    with pytest.raises(M.UserError, match="no such"):
+        M.load_model(tmp_path / "missing")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("hello")
+    with pytest.raises(M.UserError, match="config.json"):
+        M.load_model(tmp_path / "notes")
+    (tmp_path / "notes" / "config.json").write_text('{"foo": 1}')
+    with pytest.raises(M.UserError, match="neither"):
+        M.load_model(tmp_path / "notes")
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
+    with pytest.raises(M.UserError, match="LlamaForCausalLM"):
+        M.load_model(tmp_path / "gpt2")
+    with pytest.raises(M.UserError, match="neither"):
+        M.load_model(tmp_path / "notes" / "a.txt")
+
+
+def test_corrupt_files_raise_user_errors(tmp_path):
+    M.save_model(tiny_model(), tmp_path / "d")
+    st = tmp_path / "d" / "model.safetensors"
+    data = st.read_bytes()
+    st.write_bytes(data[: len(data) // 2])
+    with pytest.raises(M.UserError, match="model.safetensors"):
+        M.load_model(tmp_path / "d")
+    st.write_bytes(b"\x00" * 64)
+    with pytest.raises(M.UserError, match="model.safetensors"):
+        M.load_model(tmp_path / "d")
+
+    write_gguf(tmp_path / "ok.gguf", tiny_model(), types=[gguf.GGMLQuantizationType.F32])
+    data = (tmp_path / "ok.gguf").read_bytes()
+    for name, blob in (("cut.gguf", data[: len(data) // 2]), ("head.gguf", data[:40]),
+                       ("junk.gguf", b"GGUF" + b"\xff" * 100)):
+        (tmp_path / name).write_bytes(blob)
+        with pytest.raises(M.UserError, match=name):
+            M.load_model(tmp_path / name)
+
+
+def test_gguf_of_another_architecture_is_refused(tmp_path):
+    w = gguf.GGUFWriter(str(tmp_path / "gpt2.gguf"), "gpt2")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(M.UserError, match="gpt2.*supported: llama"):
+        M.load_model(tmp_path / "gpt2.gguf")
+
+
+def test_run_cli_turns_user_error_into_exit_2(capsys):
+    def main():
+        raise M.UserError("bad flag")
+    with pytest.raises(SystemExit) as e:
+        M.run_cli(main)
+    assert e.value.code == 2 and capsys.readouterr().err.strip() == "error: bad flag"
