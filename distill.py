@@ -1,5 +1,5 @@
 """
-Stage 3 of FastDraft: align the draft to its target (Zafrir et al. 2024, arXiv 2411.11055, "fine-tuning").
+Stage 3 of FastDraft: align the draft to its target (Zafrir et al., ACL 2025, arXiv 2411.11055, "FT").
 
 Two subcommands, one file:
 
@@ -156,8 +156,9 @@ def hf_prompts(spec, field, limit):
 def code_prompts(spec, limit):
     """code:SOURCE[:N] -> up to N (default 1000) code prompts: a function's `def` line plus its docstring.
 
-    The target completes the body, which teaches the draft how the target writes code (HumanEval's format)."""
-    import ast, textwrap
+    The target completes the body, which teaches the draft how the target writes code. Module-level functions
+    only, as in HumanEval: a method cut out of its class leaves the target guessing what `self` is."""
+    import ast
     rest = spec[len("code:"):]
     n = 1000
     head, _, tail = rest.rpartition(":")
@@ -174,13 +175,12 @@ def code_prompts(spec, limit):
         except (SyntaxError, ValueError):
             continue   # not Python, or Python 2: no prompts from this document
         lines = doc.splitlines()
-        for node in ast.walk(tree):
+        for node in tree.body:
             if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or ast.get_docstring(node) is None:
                 continue
-            doc_node = node.body[0]
             if len(node.body) < 2:
                 continue   # a docstring with no body: nothing for the target to complete
-            text = textwrap.dedent("\n".join(lines[node.lineno - 1:doc_node.end_lineno])) + "\n"
+            text = "\n".join(lines[node.lineno - 1:node.body[0].end_lineno]) + "\n"   # def line .. docstring end
             if 20 <= len(text) <= 2000:
                 out.append(text)
             if len(out) >= n:
@@ -283,7 +283,7 @@ def magpie_instructions(target, tok, n, *, batch_size, seed, key, max_tokens=128
     prefix = user_turn_prefix(tok)
     device = next(target.parameters()).device
     g = torch.Generator(device=device).manual_seed(seed_for(seed, key))
-    done, _ = [], None
+    done = []
     while len(done) < n:
         rows = min(batch_size, n - len(done))
         outs, stopped = generate_batch(target, [prefix] * rows, max_tokens, temperature, None, tok.stop_ids, g)
@@ -312,28 +312,37 @@ def pair_hash(prompt, completion):
     return hashlib.sha1(json.dumps([prompt, completion]).encode()).hexdigest()
 
 
-def write_manifest(out, settings, tok, counts, rank):
-    """manifest.json: settings, tokenizer fingerprint, counts, finished units. Rebuilt from the shards each time
-    (any rank may write it; the shard files are the truth, the manifest is their summary)."""
+def read_manifest(out):
     path = os.path.join(out, "manifest.json")
-    old = {}
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            old = json.load(f)
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{e.lineno}: corrupt manifest ({e.msg})")
+
+
+def write_manifest(out, settings, tok_info, counts, rank, shard_stats):
+    """manifest.json: settings, tokenizer fingerprint, counts, finished units. Rebuilt from the shards each time
+    (any rank may write it; the shard files are the truth, the manifest is their summary). shard_stats caches
+    {shard name: (rows, completion tokens)} so that each shard is read once per process, not once per unit."""
+    old = read_manifest(out)
     units = shard_units(out)
     dup = dict(old.get("duplicates_dropped_by_unit", {}))
     dup.update(counts.pop("duplicates_dropped_by_unit", {}))
-    examples = tokens = 0
     for name in units.values():
-        with open(os.path.join(out, name), encoding="utf-8") as f:
-            for line in f:
-                examples += 1
-                tokens += len(json.loads(line)["completion_ids"])
+        if name not in shard_stats:   # written by another rank, or by an earlier run
+            with open(os.path.join(out, name), encoding="utf-8") as f:
+                rows = [json.loads(line) for line in f]
+            shard_stats[name] = (len(rows), sum(len(r["completion_ids"]) for r in rows))
+    examples = sum(shard_stats[name][0] for name in units.values())
+    tokens = sum(shard_stats[name][1] for name in units.values())
     manifest = {
         "format": FORMAT,
         "target": settings["target"],
         "settings": settings,
-        "tokenizer": {"spec": tok.spec, "fingerprint": tok.fingerprint(), "vocab_size": tok.vocab_size},
+        "tokenizer": tok_info,
         "counts": {**old.get("counts", {}), **counts, "units_done": len(units), "examples": examples,
                    "completion_tokens": tokens, "duplicates_dropped": sum(dup.values())},
         "done_units": sorted(units),
@@ -341,7 +350,7 @@ def write_manifest(out, settings, tok, counts, rank):
         "duplicates_dropped_by_unit": dup,
         "written_by_rank": rank,
     }
-    write_atomic(path, json.dumps(manifest, indent=1) + "\n")
+    write_atomic(os.path.join(out, "manifest.json"), json.dumps(manifest, indent=1) + "\n")
     return manifest
 
 
@@ -396,10 +405,8 @@ def generate_dataset(target, tok, *, prompts, out, target_spec, temperatures=DEF
     # other work (an edited prompt file shifts every batch after the edit)
     settings["prompts_sha256"] = hashlib.sha256(json.dumps([p["ids"] for b in batches for p in b]).encode()).hexdigest()
     os.makedirs(out, exist_ok=True)
-    manifest_path = os.path.join(out, "manifest.json")
-    if os.path.exists(manifest_path):
-        with open(manifest_path, encoding="utf-8") as f:
-            old = json.load(f)
+    old = read_manifest(out)
+    if old:
         if old.get("settings") != settings:
             changed = sorted(k for k in settings if old.get("settings", {}).get(k) != settings[k])
             raise UserError(f"{out} was generated with other settings ({', '.join(changed)}); use a new --out")
@@ -411,13 +418,16 @@ def generate_dataset(target, tok, *, prompts, out, target_spec, temperatures=DEF
              for t in temperatures]
 
     done = shard_units(out)
-    write_manifest(out, settings, tok, dict(counts), rank)
     todo = [u for u in mine if u[0] not in done]
     log(f"rank {rank}: {len(mine)} work units, {len(mine) - len(todo)} already done")
-    seen_pairs = set()
+    shard_stats, seen_pairs = {}, set()   # (rows, tokens) per shard; the (prompt, completion) pairs already kept
     for name in done.values():
         with open(os.path.join(out, name), encoding="utf-8") as f:
-            seen_pairs.update(pair_hash(r["prompt"], r["completion"]) for r in map(json.loads, f))
+            rows = [json.loads(line) for line in f]
+        shard_stats[name] = (len(rows), sum(len(r["completion_ids"]) for r in rows))
+        seen_pairs.update(pair_hash(r["prompt"], r["completion"]) for r in rows)
+    tok_info = {"spec": tok.spec, "fingerprint": tok.fingerprint(), "vocab_size": tok.vocab_size}
+    write_manifest(out, settings, tok_info, dict(counts), rank, shard_stats)
 
     device = next(target.parameters()).device
     t0, new_tokens = time.time(), 0
@@ -443,13 +453,14 @@ def generate_dataset(target, tok, *, prompts, out, target_spec, temperatures=DEF
                 rows.append({"source": p["source"], "kind": p["kind"], "prompt": p["text"], "completion": completion,
                              "prompt_ids": p["ids"], "completion_ids": ids, "temperature": temperature,
                              "finish": "stop" if ok else "length", "unit": key})
-        write_atomic(os.path.join(out, f"shard-r{rank}-{key}.jsonl"),
-                     "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        write_manifest(out, settings, tok, {"duplicates_dropped_by_unit": {key: dups}}, rank)
+        name = f"shard-r{rank}-{key}.jsonl"
+        write_atomic(os.path.join(out, name), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        shard_stats[name] = (len(rows), sum(len(r["completion_ids"]) for r in rows))
+        write_manifest(out, settings, tok_info, {"duplicates_dropped_by_unit": {key: dups}}, rank, shard_stats)
         dt = time.time() - t0
         log(f"rank {rank}: unit {n + 1}/{len(todo)} {key}: {len(rows)} rows, {dups} duplicates, "
             f"{new_tokens / max(dt, 1e-9):.1f} tok/s")
-    return write_manifest(out, settings, tok, {}, rank)
+    return write_manifest(out, settings, tok_info, {}, rank, shard_stats)
 
 
 def magpie_batch(target, tok, out, c, batch_size, n_magpie, seed, max_tokens, max_prompt_tokens, refused):

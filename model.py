@@ -18,7 +18,7 @@ import os
 import shutil
 import sys
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -701,40 +701,42 @@ def _read_gguf(path):
     except Exception as e:  # the reader raises ValueError / IndexError / struct errors on damaged files
         raise UserError(f"{path} is not a readable GGUF file ({type(e).__name__}: {str(e)[:100]})")
 
-    def field(key, default=None):
+    def meta(key, default=...):  # a metadata value; `...` marks the keys a llama file must have
         f = reader.fields.get(key)
         if f is None:
+            if default is ...:
+                raise UserError(f"{path}: GGUF metadata lacks {key}")
             return default
         return f.contents()
 
-    arch = field("general.architecture")
+    arch = meta("general.architecture", None)
     if arch != "llama":
         raise UserError(f"{path}: GGUF architecture {arch!r} is not supported (supported: llama)")
     tensors = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in tensors:
         raise UserError(f"{path}: no token_embd.weight tensor, not a llama model")
-    dim = int(field("llama.embedding_length"))
-    n_heads = int(field("llama.attention.head_count"))
-    head_dim = int(field("llama.attention.key_length", field("llama.rope.dimension_count", dim // n_heads)))
-    vocab = int(field("llama.vocab_size", 0)) or int(tensors["token_embd.weight"].shape[1])
+    dim = int(meta("llama.embedding_length"))
+    n_heads = int(meta("llama.attention.head_count"))
+    head_dim = int(meta("llama.attention.key_length", meta("llama.rope.dimension_count", dim // n_heads)))
+    vocab = int(meta("llama.vocab_size", 0)) or int(tensors["token_embd.weight"].shape[1])
     scaling = None
-    kind = field("llama.rope.scaling.type")
-    if kind == "linear" and field("llama.rope.scaling.factor", 1.0) != 1.0:
-        scaling = {"rope_type": "linear", "factor": float(field("llama.rope.scaling.factor"))}
+    kind = meta("llama.rope.scaling.type", None)
+    if kind == "linear" and meta("llama.rope.scaling.factor", 1.0) != 1.0:
+        scaling = {"rope_type": "linear", "factor": float(meta("llama.rope.scaling.factor"))}
     elif kind not in (None, "none", "linear"):
         raise UserError(f"{path}: rope scaling {kind!r} is not supported (supported: llama3, linear)")
-    theta = float(field("llama.rope.freq_base", 10000.0))
+    theta = float(meta("llama.rope.freq_base", 10000.0))
     if "rope_freqs.weight" in tensors:
         scaling = _llama3_scaling_from_rope_freqs(path, tensors["rope_freqs.weight"], theta, head_dim)
-    eos = field("tokenizer.ggml.eos_token_id")
+    eos = meta("tokenizer.ggml.eos_token_id", None)
     config = ModelConfig(
-        vocab_size=vocab, dim=dim, n_layers=int(field("llama.block_count")), n_heads=n_heads,
-        n_kv_heads=int(field("llama.attention.head_count_kv", n_heads)),
-        ffn_dim=int(field("llama.feed_forward_length")), max_seq_len=int(field("llama.context_length", 2048)),
+        vocab_size=vocab, dim=dim, n_layers=int(meta("llama.block_count")), n_heads=n_heads,
+        n_kv_heads=int(meta("llama.attention.head_count_kv", n_heads)),
+        ffn_dim=int(meta("llama.feed_forward_length")), max_seq_len=int(meta("llama.context_length", 2048)),
         rope_theta=theta, rope_scaling=scaling,
-        norm_eps=float(field("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        norm_eps=float(meta("llama.attention.layer_norm_rms_epsilon", 1e-5)),
         tie_embeddings="output.weight" not in tensors, head_dim=head_dim,
-        bos_id=field("tokenizer.ggml.bos_token_id"), eos_id=eos)
+        bos_id=meta("tokenizer.ggml.bos_token_id", None), eos_id=eos)
     return config, _gguf_tensors(path, tensors, config), torch.float32
 
 

@@ -4,7 +4,7 @@ pretrain a small draft LM with next-token prediction on natural language (PT), t
 from that checkpoint on a code + prose mixture (CP). The draft always uses the *target's* tokenizer:
 speculative decoding compares draft and target distributions token by token, so the vocabularies must match.
 
-    python pretrain.py                                   # CPU-sized draft for SmolLM2, ~10 min on 2 cores
+    python pretrain.py                                   # CPU-sized draft for SmolLM2, ~10-20 min on 2 cores
     python pretrain.py --init-from out/pretrain --data "builtin:code=0.67,builtin:prose=0.33" --out out/continued
     torchrun --nproc_per_node 8 pretrain.py --device hpu --preset fastdraft-150m \\
         --target /models/Llama-3.1-8B-Instruct --data fineweb --max-tokens 10e9 --out out/llama-draft
@@ -21,6 +21,8 @@ one training step -> the loop -> flags -> main(). distill.py imports the loop pi
     setup_distributed(device) -> (rank, world_size, local_rank, ddp)
     save_checkpoint(folder, draft, optimizer, step, data_state, extra=None)
     load_checkpoint(folder, optimizer=None) -> meta dict ("step", "data", "args", ... whatever extra held)
+    RankRows(batches, rank, world_size, batch_size)  this rank's slice of each global batch (torchrun)
+    replicas_identical(draft, ddp) -> bool          all ranks hold bit-identical weights
     train_step(wrapped, optimizer, batches, grad_accum, grad_clip, device, dtype=None, ddp=False)
         -> (mean loss tensor, tokens)
     evaluate(draft, batches, device, dtype=None, loss_fn=next_token_loss) -> mean loss (float)
@@ -479,13 +481,15 @@ def train(draft, optimizer, batches, *, device, max_steps, lr, min_lr, warmup, g
             val_history.append([start_step, v])
     losses, tokens_seen, stopped = [], 0, None
     step = start_step
-    t_start = t_log = time.time()
-    tokens_since_log = steps_since_log = 0
+    t_start = time.time()
+    train_seconds = 0.0                   # time in train_step only: evaluation and saving are not throughput
+    tokens_since_log, seconds_since_log = 0, 0.0
     with _StopFlag() as stop:
         while step < max_steps:
             step_lr = lr_at(step, max_steps, lr, min_lr, warmup)
             for group in optimizer.param_groups:
                 group["lr"] = step_lr
+            t0 = time.time()
             try:
                 loss, tokens = train_step(wrapped, optimizer, batches, grad_accum, grad_clip, device, dtype, ddp)
             except RuntimeError as e:
@@ -499,16 +503,18 @@ def train(draft, optimizer, batches, *, device, max_steps, lr, min_lr, warmup, g
             loss_sum, n_stop = _reduce_sum([loss.item(), float(stop.signum != 0)], device, ddp)
             loss_value = loss_sum / world
             losses.append(loss_value)
+            sync(device)
+            dt = time.time() - t0
+            train_seconds += dt
+            seconds_since_log += dt
             tokens_seen += tokens * world
             tokens_since_log += tokens * world
-            steps_since_log += 1
             if show_bar:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{step_lr:.2e}")
             if rank == 0 and (step % log_every == 0 or step == max_steps or step == start_step + 1):
-                sync(device)
                 now = time.time()
-                tok_s = tokens_since_log / max(now - t_log, 1e-9)
+                tok_s = tokens_since_log / max(seconds_since_log, 1e-9)
                 line = f"step {step}/{max_steps} | loss {loss_value:.4f} | lr {step_lr:.2e} | {tok_s:,.0f} tok/s"
                 if flops_per_token:
                     flops_s = flops_per_token * tok_s / world   # per device
@@ -516,7 +522,7 @@ def train(draft, optimizer, batches, *, device, max_steps, lr, min_lr, warmup, g
                 eta = (now - t_start) / (step - start_step) * (max_steps - step)
                 line += f" | elapsed {_hms(now - t_start)} | ETA {_hms(eta)}"
                 log(line)
-                t_log, tokens_since_log, steps_since_log = now, 0, 0
+                tokens_since_log, seconds_since_log = 0, 0.0
             if eval_every and (step % eval_every == 0 or step == max_steps):
                 v = run_eval(step)
                 if v is not None:
@@ -536,7 +542,8 @@ def train(draft, optimizer, batches, *, device, max_steps, lr, min_lr, warmup, g
     elapsed = time.time() - t_start
     return {"step": step, "max_steps": max_steps, "losses": losses, "first_step": start_step + 1,
             "val_history": val_history, "tokens": tokens_seen, "seconds": elapsed,
-            "tokens_per_second": tokens_seen / max(elapsed, 1e-9), "stopped": stopped, "signal": stop.signum}
+            "train_seconds": train_seconds, "tokens_per_second": tokens_seen / max(train_seconds, 1e-9),
+            "stopped": stopped, "signal": stop.signum}
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -544,9 +551,9 @@ def train(draft, optimizer, batches, *, device, max_steps, lr, min_lr, warmup, g
 
 SHAPE_FLAGS = ["dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "head_dim", "rope_theta"]
 # On --resume these come from the checkpoint (they define the run); the others belong to this session.
-RUN_FLAGS = ["preset", *SHAPE_FLAGS, "tokenizer", "init_from", "data", "val_data", "seq_len", "batch_size",
-             "grad_accum", "max_tokens", "data_sharding", "lr", "min_lr", "warmup", "weight_decay", "grad_clip", "dtype", "seed",
-             "loss", "val_batches"]
+RUN_FLAGS = ["preset", *SHAPE_FLAGS, "tokenizer", "init_from", "data", "val_data", "data_sharding", "seq_len",
+             "batch_size", "grad_accum", "max_tokens", "lr", "min_lr", "warmup", "weight_decay", "grad_clip",
+             "dtype", "seed", "loss", "val_batches"]
 
 
 def make_parser():
@@ -581,9 +588,9 @@ def make_parser():
     d.add_argument("--val-data", help="held-out data spec (default: the held-out split of --data)")
     d.add_argument("--val-batches", type=int, default=8, help="batches per validation (0: no validation)")
     d.add_argument("--seq-len", type=int, default=256, help="tokens per training row")
-    d.add_argument("--batch-size", type=int, default=8, help="rows per micro-batch per process")
+    d.add_argument("--batch-size", type=int, default=4, help="rows per micro-batch per process")
     d.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    d.add_argument("--max-tokens", type=float, default=1.2e6,
+    d.add_argument("--max-tokens", type=float, default=2.5e5,
                    help="training budget in tokens (steps = max-tokens / global batch tokens)")
     o = p.add_argument_group("optimization")
     o.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
@@ -635,8 +642,6 @@ def check_args(args):
             raise UserError(f"--{name.replace('_', '-')} must not be negative (got {v})")
     if args.preset not in PRESETS:
         raise UserError(f"unknown preset {args.preset!r} (choose from: {', '.join(PRESETS)})")
-    if args.resume and args.init_from:
-        raise UserError("--resume and --init-from exclude each other (resume continues a run; init-from starts one)")
     if parse_dtype(args.dtype) == torch.float16:
         raise UserError("--dtype float16 needs loss scaling, which this script does not do: use bfloat16")
 
@@ -657,6 +662,7 @@ def build_draft(args, tok, given, device):
                                 f"({draft.config.tokenizer!r}): same size, different tokens")
         if args.seq_len > draft.config.max_seq_len:
             raise UserError(f"--seq-len {args.seq_len} exceeds the draft's context ({draft.config.max_seq_len})")
+        draft.config.tokenizer = draft.config.tokenizer or tok.spec
         return draft
     shape = {k: getattr(args, k) for k in SHAPE_FLAGS if getattr(args, k) is not None}
     base = PRESETS[args.preset]
@@ -671,9 +677,11 @@ def next_commands(out, args):
     """What to run after this stage (FastDraft: PT -> CP -> FT)."""
     if not args.init_from:
         return [f"python pretrain.py --init-from {out} --data \"builtin:code=0.67,builtin:prose=0.33\" "
-                f"--out out/continued",
-                f"python distill.py generate --target {args.tokenizer} --out out/synthetic"]
-    return [f"python distill.py generate --target {args.tokenizer} --out out/synthetic",
+                f"--max-tokens 2.5e5 --out out/continued",
+                f"python distill.py generate --target {args.tokenizer} --prompts magpie:96,code:builtin:code:96 "
+                f"--out out/synthetic"]
+    return [f"python distill.py generate --target {args.tokenizer} --prompts magpie:96,code:builtin:code:96 "
+            f"--out out/synthetic",
             f"python distill.py train --draft {out} --target {args.tokenizer} --data out/synthetic --out out/aligned"]
 
 
@@ -685,6 +693,8 @@ def main(argv=None):
     args = make_parser().parse_args(argv)
     given = explicit_flags(argv)
     meta = None
+    if args.resume and args.init_from:
+        raise UserError("--resume and --init-from exclude each other (resume continues a run; init-from starts one)")
     if args.resume:   # the run's own settings come from the checkpoint; session flags from this command line
         meta = load_checkpoint(args.resume)
         saved = meta["args"]
@@ -712,11 +722,22 @@ def main(argv=None):
     dtype = parse_dtype(args.dtype)
     if dtype is None and device.type in ("cuda", "hpu"):
         dtype = torch.bfloat16
+    if dtype not in (None, torch.float32) and device.type not in ("cuda", "hpu"):
+        say(f"note: no autocast on {device.type} (model.autocast): training in float32")
+        dtype = None
+    if not args.resume and os.path.isfile(os.path.join(args.out, "train_state.pt")):
+        say(f"note: {args.out} holds a checkpoint; this new run replaces it at its first save "
+            f"(--resume {args.out} would continue it)")
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     tok = data.load_tokenizer(args.tokenizer)
     if args.resume:
-        draft = load_model(args.resume, device=device, dtype=torch.float32)
+        try:
+            draft = load_model(args.resume, device=device, dtype=torch.float32)
+        except UserError:
+            raise
+        except Exception as e:  # a truncated or foreign model.safetensors / config.json
+            raise UserError(f"checkpoint {args.resume} is corrupt ({type(e).__name__}: {e})".splitlines()[0])
         if draft.config.vocab_size != tok.vocab_size:
             raise UserError(f"checkpoint {args.resume} does not match tokenizer {args.tokenizer!r}")
     else:
@@ -775,7 +796,8 @@ def main(argv=None):
         result = {"out": args.out, "step": report["step"], "max_steps": max_steps, "params": n_params,
                   "tokens": report["tokens"], "seconds": round(report["seconds"], 2),
                   "tokens_per_second": round(report["tokens_per_second"], 1), "world_size": world,
-                  "replicas_identical": in_step, "global_batch_tokens": tokens_per_step, "first_step": report["first_step"],
+                  "replicas_identical": in_step, "global_batch_tokens": tokens_per_step,
+                  "first_step": report["first_step"], "train_seconds": round(report["train_seconds"], 2),
                   "losses": report["losses"], "val_history": vals, "stopped": report["stopped"],
                   "val_loss_start": vals[0][1] if vals else None, "val_loss_end": vals[-1][1] if vals else None}
         if vals:

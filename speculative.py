@@ -333,7 +333,7 @@ def cost_ratio(draft, target):
 
 def mbsu(block_efficiency, gamma, c):
     """Memory-bound speedup tau / (gamma * c + 1): tau tokens per round for the price of one target forward and
-    gamma draft steps that each cost c target forwards (Leviathan et al. 2023, section 3.4)."""
+    gamma draft steps that each cost c target forwards (Leviathan et al. 2023, the walltime improvement)."""
     return block_efficiency / (gamma * c + 1)
 
 

@@ -135,6 +135,23 @@ def test_loss_mask_is_completion_only():
     assert torch.allclose(distill.make_loss_fn(None, "ce")(m, xb, yb), want, atol=1e-5)
 
 
+def test_batches_resume_exactly_and_split_across_ranks():
+    rows = [distill.completion_row([1, 2], [3 + i, 4], 16) for i in range(10)]
+    a = distill.CompletionBatches(rows, 3, seed=1)
+    seen = [next(a) for _ in range(5)]                                     # crosses an epoch boundary
+    b = distill.CompletionBatches(rows, 3, seed=1)
+    for _ in range(2):
+        next(b)
+    c = distill.CompletionBatches(rows, 3, seed=1)
+    c.load_state_dict(json.loads(json.dumps(b.state_dict())))
+    for want in seen[2:]:
+        got = next(c)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    r0, r1 = (distill.CompletionBatches(rows, 3, seed=1, rank=r, world_size=2) for r in (0, 1))
+    x0, x1 = next(r0)[0], next(r1)[0]
+    assert {tuple(r) for r in x0.tolist()}.isdisjoint({tuple(r) for r in x1.tolist()})
+
+
 @pytest.mark.parametrize("loss", ["kl", "tvd", "ce+kl", "ce+tvd"])
 @pytest.mark.parametrize("top_k", [None, 5])
 @pytest.mark.parametrize("kd_temperature", [1.0, 2.0])

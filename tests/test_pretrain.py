@@ -147,7 +147,7 @@ def test_sigkill_while_saving_keeps_the_previous_checkpoint(corpus, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "pretrain.py"),
                              *flags(corpus, out, 10_000, "--save-every", "2", "--val-batches", "0")],
-                            cwd=ROOT, env={**ENV, P.SAVE_DELAY_ENV: "3"},
+                            cwd=ROOT, env={**ENV, P.SAVE_DELAY_ENV: "2"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     tmp = f"{out}.tmp-{proc.pid}"
     try:

@@ -158,6 +158,11 @@ def test_verify_is_lossless_random_distributions(gamma):
     # every position of a round, among the trials that reach it, emits a token distributed as p at that position
     for k in range(gamma + 1):
         assert chi2_pvalue(position_counts(emitted, k, V), p[k]) > 1e-4, f"position {k}"
+    # the first draft is accepted with probability beta = sum_x min(p(x), q(x)) (Leviathan et al. 2023):
+    # not more (the inflated-acceptance bug class), not less
+    beta = torch.minimum(p[0], q[0]).sum().item()
+    accepted = sum(len(e) > 1 for e in emitted) / len(emitted)
+    assert abs(accepted - beta) < 4 * (beta * (1 - beta) / len(emitted)) ** 0.5
     # total variation of the first token from p: sampling noise only, ~sqrt(V / N)
     first = position_counts(emitted, 0, V).double() / len(emitted)
     assert 0.5 * (first - p[0]).abs().sum() < (V / len(emitted)) ** 0.5
