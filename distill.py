@@ -20,6 +20,7 @@ distribution computed on the fly. The optimizer, schedule, checkpoints and DDP a
 """
 
 import argparse
+import ast
 import gzip
 import hashlib
 import importlib.util
@@ -158,7 +159,6 @@ def code_prompts(spec, limit):
 
     The target completes the body, which teaches the draft how the target writes code. Module-level functions
     only, as in HumanEval: a method cut out of its class leaves the target guessing what `self` is."""
-    import ast
     rest = spec[len("code:"):]
     n = 1000
     head, _, tail = rest.rpartition(":")
@@ -681,10 +681,9 @@ def check_draft_vocab(draft, dtok, ttok, target=None):
 # -----------------------------------------------------------------------------
 # command line
 
-def add_common(p):
+def add_common(p, dtype_help):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps or hpu")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 autocast on cuda/hpu, fp32 on cpu), float32, "
-                                                   "bfloat16")
+    p.add_argument("--dtype", default="auto", help=dtype_help)
     p.add_argument("--seed", type=int, default=0, help="sampling seeds (generate) / data order (train)")
     p.add_argument("--json", metavar="PATH", help="write the final numbers as one JSON object")
 
@@ -714,7 +713,8 @@ def make_parser():
     g.add_argument("--max-prompt-tokens", type=int, default=512, help="longer prompts are skipped")
     g.add_argument("--magpie-max-tokens", type=int, default=128, help="instruction length cap for magpie:N")
     g.add_argument("--batch-size", type=int, default=16, help="prompts decoded together (one work unit)")
-    add_common(g)
+    add_common(g, "the target's weights: auto (bfloat16 on cuda/hpu, the checkpoint's own elsewhere), float32, "
+                  "bfloat16")
 
     t = sub.add_parser("train", formatter_class=fmt, help="fine-tune the draft on a generated data set",
                        description="Fine-tune the draft on prompt + completion, loss on the completion only. "
@@ -746,7 +746,8 @@ def make_parser():
     t.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: only at the end)")
     t.add_argument("--log-every", type=int, default=10, help="log line every N steps")
     t.add_argument("--stop-at", type=int, metavar="STEP", help="save and stop after this step (resume later)")
-    add_common(t)
+    add_common(t, "compute dtype under autocast: auto (bf16 on cuda/hpu, fp32 on cpu), float32, bfloat16; "
+                  "the draft's weights stay fp32")
     return p
 
 
@@ -775,8 +776,11 @@ def cmd_generate(args):
     device = pick_device(args.device)
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    dtype = parse_dtype(args.dtype)
+    if dtype is None and device.type in ("cuda", "hpu"):
+        dtype = torch.bfloat16   # generation is memory-bound: half the bytes per weight, nearly twice the speed
     tok = load_tokenizer(args.target)
-    target = load_model(args.target, device=device, dtype=parse_dtype(args.dtype))
+    target = load_model(args.target, device=device, dtype=dtype)
     if target.config.vocab_size < tok.vocab_size:
         raise UserError(f"{args.target}: the model has {target.config.vocab_size} tokens, its tokenizer "
                         f"{tok.vocab_size}")

@@ -190,11 +190,14 @@ def test_torchrun_ranks_stay_in_step_and_match_one_process(corpus, tmp_path):
 
 def test_init_from_loads_weights_with_fresh_optimizer_and_schedule(corpus, tmp_path):
     first = run_main(flags(corpus, tmp_path / "pt", 4), tmp_path / "pt.json")
-    second = run_main(["--init-from", str(tmp_path / "pt"), *flags(corpus, tmp_path / "cp", 2)[2:]],
+    second = run_main(["--init-from", str(tmp_path / "pt"), *flags(corpus, tmp_path / "cp", 2, "--stop-at", "1")[2:]],
                       tmp_path / "cp.json")
     # the same held-out batch scores the same before the second run trains: the weights were loaded
     assert second["val_loss_start"] == pytest.approx(first["val_loss_end"], abs=1e-5)
-    assert second["first_step"] == 1 and second["step"] == 2
+    assert second["first_step"] == 1 and second["step"] == 1
+    # a continued-pretraining run resumes like any other
+    third = run_main(["--resume", str(tmp_path / "cp")], tmp_path / "cp2.json")
+    assert third["first_step"] == 2 and third["step"] == 2
     state = torch.load(tmp_path / "cp" / "train_state.pt", weights_only=True)
     assert all(int(s["step"]) == 2 for s in state["optimizer"]["state"].values())   # a fresh AdamW
     # the draft loads in transformers with the same logits as ours
