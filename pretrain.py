@@ -4,7 +4,7 @@ pretrain a small draft LM with next-token prediction on natural language (PT), t
 from that checkpoint on a code + prose mixture (CP). The draft always uses the *target's* tokenizer:
 speculative decoding compares draft and target distributions token by token, so the vocabularies must match.
 
-    python pretrain.py                                   # CPU-sized draft for SmolLM2, ~10-20 min on 2 cores
+    python pretrain.py                                   # CPU-sized draft for SmolLM2, ~10 min on 2 idle cores
     python pretrain.py --init-from out/pretrain --data "builtin:code=0.67,builtin:prose=0.33" --out out/continued
     torchrun --nproc_per_node 8 pretrain.py --device hpu --preset fastdraft-150m \\
         --target /models/Llama-3.1-8B-Instruct --data fineweb --max-tokens 10e9 --out out/llama-draft
@@ -50,7 +50,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import (PRESETS, ModelConfig, Transformer, UserError, autocast, load_model, mark_step, parse_dtype,
+from model import (PRESETS, Transformer, UserError, autocast, load_model, mark_step, parse_dtype,
                    pick_device, run_cli, save_model, sync)
 import data
 
@@ -590,7 +590,7 @@ def make_parser():
     d.add_argument("--seq-len", type=int, default=256, help="tokens per training row")
     d.add_argument("--batch-size", type=int, default=4, help="rows per micro-batch per process")
     d.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    d.add_argument("--max-tokens", type=float, default=2.5e5,
+    d.add_argument("--max-tokens", type=float, default=5e5,
                    help="training budget in tokens (steps = max-tokens / global batch tokens)")
     o = p.add_argument_group("optimization")
     o.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
@@ -677,7 +677,7 @@ def next_commands(out, args):
     """What to run after this stage (FastDraft: PT -> CP -> FT)."""
     if not args.init_from:
         return [f"python pretrain.py --init-from {out} --data \"builtin:code=0.67,builtin:prose=0.33\" "
-                f"--max-tokens 2.5e5 --out out/continued",
+                f"--out out/continued",
                 f"python distill.py generate --target {args.tokenizer} --prompts magpie:96,code:builtin:code:96 "
                 f"--out out/synthetic"]
     return [f"python distill.py generate --target {args.tokenizer} --prompts magpie:96,code:builtin:code:96 "

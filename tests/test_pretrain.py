@@ -1,7 +1,6 @@
 """pretrain.py: the loop learns, resumes exactly, survives signals, trains in step under torchrun, and writes
 drafts that transformers loads. Tiny preset, a few steps, a small local corpus; everything offline on CPU."""
 import json
-import math
 import os
 import re
 import signal
