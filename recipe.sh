@@ -16,14 +16,15 @@ OUT=${OUT:-runs/recipe}
 TARGET=${TARGET:-smollm2}
 PRESET=${PRESET:-cpu-small}
 DEVICE=${DEVICE:-auto}
-PT_TOKENS=${PT_TOKENS:-1.5e6}          # stage 1: prose
-CP_TOKENS=${CP_TOKENS:-1e6}            # stage 2: code + prose, 2:1 as in the paper (5B code + 2.5B text)
+PT_TOKENS=${PT_TOKENS:-8e5}            # stage 1: prose
+CP_TOKENS=${CP_TOKENS:-5e5}            # stage 2: code + prose, 2:1 as in the paper (5B code + 2.5B text)
 MAGPIE=${MAGPIE:-96}                   # instructions the target writes itself
 CODE_PROMPTS=${CODE_PROMPTS:-96}       # def + docstring prompts cut from the stdlib
 TEMPERATURES=${TEMPERATURES:-0.6,1.0,0}
 GEN_TOKENS=${GEN_TOKENS:-128}
 FT_EPOCHS=${FT_EPOCHS:-3}
-LIMIT=${LIMIT:-10}                     # benchmark prompts per task
+LIMIT=${LIMIT:-10}                     # benchmark prompts per task (stage table)
+FINAL_LIMIT=${FINAL_LIMIT:-5}          # prompts per task for the final draft's gamma x temperature grid
 mkdir -p "$OUT"
 log() { echo "[$(date +%H:%M:%S)] $*"; }
 
@@ -50,6 +51,6 @@ log "benchmark: acceptance per task per stage (gamma 3, temperature 0.6, the pap
 python bench.py --target "$TARGET" --stages "PT=$OUT/pt,CP=$OUT/cp,FT=$OUT/ft" --gamma 3 --temperature 0.6 \
     --limit "$LIMIT" --device "$DEVICE" --json "$OUT/stages.json" | tee "$OUT/stages.md"
 log "benchmark: the final draft over gamma 1,3,5 and temperatures 0, 0.6"
-python bench.py --target "$TARGET" --draft "$OUT/ft" --gamma 1,3,5 --temperature 0,0.6 --limit "$LIMIT" \
+python bench.py --target "$TARGET" --draft "$OUT/ft" --gamma 1,3,5 --temperature 0,0.6 --limit "$FINAL_LIMIT" \
     --device "$DEVICE" --json "$OUT/final.json" --plot "$OUT/final.png" | tee "$OUT/final.md"
 log "done: $OUT/stages.md, $OUT/final.md, $OUT/final.png"
