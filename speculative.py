@@ -237,9 +237,10 @@ def generate(target, draft, prompt_ids, max_new_tokens, gamma=3, temperature=0.6
     generator = _make_generator(device, seed)
     stop_ids = set(stop_ids or ())
     # accepted_per_position[i]: rounds whose draft token i+1 was accepted (a histogram of how far drafts go);
+    # drafted_per_position[i]: rounds that drafted a token i+1 (the last rounds may draft fewer than gamma);
     # forward counts leave out the prefill, which produces no token; seconds includes it (prefill_seconds too)
-    stats = dict(drafted=0, accepted=0, accepted_per_position=[0] * gamma, target_forwards=0, draft_forwards=0,
-                 new_tokens=0, gamma=gamma)
+    stats = dict(drafted=0, accepted=0, accepted_per_position=[0] * gamma, drafted_per_position=[0] * gamma,
+                 target_forwards=0, draft_forwards=0, new_tokens=0, gamma=gamma)
     target.setup_cache(1, max_seq_len=needed)
     draft.setup_cache(1, max_seq_len=needed)
     M.sync(device)
@@ -282,6 +283,8 @@ def generate(target, draft, prompt_ids, max_new_tokens, gamma=3, temperature=0.6
         new = drafts[:n].tolist() + [next_token]  # verify already synced: this copy does not stall
         stats["drafted"] += g
         stats["accepted"] += n
+        for i in range(g):
+            stats["drafted_per_position"][i] += 1
         for i in range(n):
             stats["accepted_per_position"][i] += 1
         stats["target_forwards"] += 1

@@ -259,6 +259,8 @@ def test_greedy_speculative_equals_autoregressive_random_draft(tiny_pair):
             assert out == ref, (prompt, gamma)
             assert st["new_tokens"] == 40 and st["gamma"] == gamma and len(st["accepted_per_position"]) == gamma
             assert st["accepted"] == sum(st["accepted_per_position"])
+            assert st["drafted"] == sum(st["drafted_per_position"])
+            assert all(a <= d for a, d in zip(st["accepted_per_position"], st["drafted_per_position"]))
             total_accepted += st["accepted"]
             total_drafted += st["drafted"]
         # a run that ends on a stop token: the first occurrence of a token we know the target produces
