@@ -7,7 +7,7 @@
 #   5.     acceptance per task per stage, speedups, plot  (bench.py --stages)
 # Each budget below is an environment variable, so a bigger machine can turn them up:
 #   OUT=runs/recipe PT_TOKENS=3e6 bash recipe.sh
-# The defaults take about an hour on a 2-core CPU (README: "Results").
+# The defaults take about 75 minutes on a 2-core CPU (README: "Results").
 set -euo pipefail
 cd "$(dirname "$0")"
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=${HF_DATASETS_OFFLINE:-1}
