@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from model import UserError, run_cli, load_model, pick_device, parse_dtype
 from data import load_tokenizer, read_documents
 from speculative import sample_probs, sample, check_same_vocab
-from pretrain import IGNORE, next_token_loss, configure_optimizer, setup_distributed, load_checkpoint, train
+from pretrain import (IGNORE, next_token_loss, configure_optimizer, setup_distributed, load_checkpoint,
+                      resume_checkpoint, train)
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 LOSSES = ("ce", "kl", "tvd", "ce+kl", "ce+tvd")
@@ -870,11 +871,8 @@ def cmd_train(args, given):
     optimizer = configure_optimizer(draft, args.lr, args.weight_decay, device=device)
     start_step = 0
     if args.resume:
-        meta = load_checkpoint(args.resume, optimizer=optimizer)
+        meta = resume_checkpoint(args.resume, optimizer, world)
         start_step = meta["step"]
-        if meta.get("world_size", 1) != world:
-            raise UserError(f"{args.resume} was trained by {meta.get('world_size', 1)} processes; resume it with "
-                            f"the same number (got {world})")
         if meta.get("data") and meta["data"][rank] is not None:
             batches.load_state_dict(meta["data"][rank])
     rows_per_step = args.batch_size * args.grad_accum * world

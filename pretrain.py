@@ -21,6 +21,7 @@ one training step -> the loop -> flags -> main(). distill.py imports the loop pi
     setup_distributed(device) -> (rank, world_size, local_rank, ddp)
     save_checkpoint(folder, draft, optimizer, step, data_state, extra=None)
     load_checkpoint(folder, optimizer=None) -> meta dict ("step", "data", "args", ... whatever extra held)
+    resume_checkpoint(folder, optimizer, world) -> meta (load_checkpoint + the same-world-size check)
     RankRows(batches, rank, world_size, batch_size)  this rank's slice of each global batch (torchrun)
     replicas_identical(draft, ddp) -> bool          all ranks hold bit-identical weights
     train_step(wrapped, optimizer, batches, grad_accum, grad_clip, device, dtype=None, ddp=False)
@@ -301,6 +302,15 @@ def save_checkpoint(folder, draft, optimizer, step, data_state, extra=None):
         os.replace(folder, old)     # renaming a folder is atomic; the old one stays whole until the new one is in
     os.replace(tmp, folder)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def resume_checkpoint(folder, optimizer, world):
+    """load_checkpoint for --resume, plus the check that the run goes on with as many processes as it had."""
+    meta = load_checkpoint(folder, optimizer=optimizer)
+    if meta.get("world_size", 1) != world:
+        raise UserError(f"{folder} was trained by {meta.get('world_size', 1)} processes; resume it with "
+                        f"the same number (got {world})")
+    return meta
 
 
 def load_checkpoint(folder, optimizer=None):
@@ -746,11 +756,8 @@ def main(argv=None):
     optimizer = configure_optimizer(draft, args.lr, args.weight_decay, device=device)
     start_step = 0
     if args.resume:
-        meta = load_checkpoint(args.resume, optimizer=optimizer)
+        meta = resume_checkpoint(args.resume, optimizer, world)
         start_step = meta["step"]
-        if meta.get("world_size", 1) != world:
-            raise UserError(f"{args.resume} was trained by {meta.get('world_size', 1)} processes; resume it with "
-                            f"the same number (got {world})")
     tokens_per_step = args.seq_len * args.batch_size * args.grad_accum * world
     max_steps = max(1, int(args.max_tokens) // tokens_per_step)
     warmup = args.warmup if args.warmup is not None else min(2000, max(1, max_steps // 20))
