@@ -488,18 +488,21 @@ def magpie_batch(target, tok, out, c, batch_size, n_magpie, seed, max_tokens, ma
 # -----------------------------------------------------------------------------
 # training data: the synthetic set as padded rows with a completion-only loss mask
 
-def read_synthetic(folder, vocab_size=None):
-    """All (prompt_ids, completion_ids) pairs of a `generate` folder, exact duplicates dropped.
+def read_synthetic(folders, vocab_size=None):
+    """All (prompt_ids, completion_ids) pairs of one or more `generate` folders (a list or "a,b"), exact
+    duplicates dropped, also across folders: a second, bigger run can be added to a first one.
 
     A corrupt line is reported by file and line number: a half-copied data set should not train silently."""
-    if not os.path.isdir(folder):
-        raise UserError(f"data folder not found: {folder}")
-    names = sorted(n for n in os.listdir(folder) if re.fullmatch(r"shard-.+\.jsonl", n))
-    if not names:
-        raise UserError(f"{folder} has no shards (shard-*.jsonl); make them with `python distill.py generate`")
+    paths = []
+    for folder in folders.split(",") if isinstance(folders, str) else folders:
+        if not os.path.isdir(folder):
+            raise UserError(f"data folder not found: {folder}")
+        names = sorted(n for n in os.listdir(folder) if re.fullmatch(r"shard-.+\.jsonl", n))
+        if not names:
+            raise UserError(f"{folder} has no shards (shard-*.jsonl); make them with `python distill.py generate`")
+        paths += [os.path.join(folder, name) for name in names]
     examples, seen = [], set()
-    for name in names:
-        path = os.path.join(folder, name)
+    for path in paths:
         with open(path, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
                 try:
@@ -515,7 +518,7 @@ def read_synthetic(folder, vocab_size=None):
                     seen.add((tuple(p), tuple(c)))
                     examples.append((p, c))
     if not examples:
-        raise UserError(f"{folder}: the shards hold no examples")
+        raise UserError(f"{folders}: the shards hold no examples")
     return examples
 
 
@@ -723,7 +726,7 @@ def make_parser():
     t.add_argument("--draft", help="the draft folder to start from (pretrain.py's output)")
     t.add_argument("--target", help="the target (default: the one in the data's manifest); loaded only for the "
                                     "token-level losses, its tokenizer always checks the vocabulary")
-    t.add_argument("--data", help="folder written by `distill.py generate`")
+    t.add_argument("--data", help="folder written by `distill.py generate`, or several: DIR1,DIR2")
     t.add_argument("--out", default="out/aligned", help="checkpoint / final draft folder")
     t.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR exactly where it stopped")
     t.add_argument("--loss", default="ce", help=f"one of {', '.join(LOSSES)}; ce = sequence-level KD")
@@ -825,7 +828,7 @@ def cmd_train(args, given):
     if not 0 <= args.val_fraction < 1:
         raise UserError("--val-fraction must be in [0, 1)")
     if args.target is None:   # the data set knows who wrote it
-        path = os.path.join(args.data, "manifest.json")
+        path = os.path.join(args.data.split(",")[0], "manifest.json")
         if os.path.exists(path):
             with open(path, encoding="utf-8") as f:
                 args.target = json.load(f).get("target")
@@ -854,7 +857,8 @@ def cmd_train(args, given):
         target = load_model(args.target, device=device, dtype=dtype if device.type != "cpu" else None)
         target.requires_grad_(False)
     check_draft_vocab(draft, dtok, ttok, target)
-    check_data_vocab(args.data, ttok)
+    for folder in args.data.split(","):
+        check_data_vocab(folder, ttok)
     args.seq_len = args.seq_len or min(1024, draft.config.max_seq_len)
     if args.seq_len > draft.config.max_seq_len:
         raise UserError(f"--seq-len {args.seq_len} exceeds the draft's context ({draft.config.max_seq_len})")

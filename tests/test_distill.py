@@ -195,6 +195,16 @@ def write_synthetic(folder, tok, n=24):
                                 "completion_ids": answer, "temperature": 0}) + "\n")
 
 
+def test_several_data_folders_are_one_set_without_repeats(tok, tmp_path):
+    write_synthetic(tmp_path / "a", tok, n=24)   # questions 0..23
+    write_synthetic(tmp_path / "b", tok, n=30)   # questions 0..29: 24 repeats of a, 6 new
+    assert len(distill.read_synthetic(str(tmp_path / "a"))) == 24
+    both = distill.read_synthetic(f"{tmp_path / 'a'},{tmp_path / 'b'}")
+    assert len(both) == len(set(map(str, both))) == 30
+    with pytest.raises(model.UserError, match="not found: .*missing"):
+        distill.read_synthetic(f"{tmp_path / 'a'},{tmp_path / 'missing'}")
+
+
 def test_train_reduces_the_loss(folders, tok, tmp_path):
     write_synthetic(tmp_path / "syn", tok)
     out = tmp_path / "ft"
