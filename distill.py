@@ -750,7 +750,7 @@ def make_parser():
     t.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: only at the end)")
     t.add_argument("--log-every", type=int, default=10, help="log line every N steps")
     t.add_argument("--stop-at", type=int, metavar="STEP", help="save and stop after this step (resume later)")
-    add_common(t, "compute dtype under autocast: auto (bf16 on cuda/hpu, fp32 on cpu), float32, bfloat16; "
+    add_common(t, "compute dtype under autocast: auto (bf16 on cuda/hpu, fp32 on cpu), float32, bfloat16 (cpu too); "
                   "the draft's weights stay fp32")
     return p
 

@@ -435,10 +435,15 @@ def _hpu_available():
 
 
 def autocast(device, dtype=None):
-    """Mixed precision for training: bf16 autocast on cuda/hpu; nothing on cpu/mps (full precision there)."""
+    """Mixed precision for training. dtype None ("auto"): bf16 on cuda/hpu, full precision on cpu/mps; an explicit
+    bfloat16 also turns it on for the cpu (worth it where the cpu has bf16 matrix units); float32: always off."""
     device = torch.device(device)
+    if dtype == torch.float32 or device.type == "mps":
+        return nullcontext()
     if device.type in ("cuda", "hpu"):
         return torch.autocast(device.type, dtype=dtype or torch.bfloat16)
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return nullcontext()
 
 

@@ -609,7 +609,7 @@ def make_parser():
     o.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (matrices only)")
     o.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
     o.add_argument("--dtype", default="auto", help="compute dtype under autocast: auto (bf16 on cuda/hpu, fp32 on "
-                                                   "cpu), float32, bfloat16; weights stay fp32")
+                                                   "cpu), float32, bfloat16 (cpu too); weights stay fp32")
     o.add_argument("--loss", default="fused", choices=list(LOSSES),
                    help="fused: chunked output layer + cross-entropy (faster, less memory); plain: reference")
     o.add_argument("--compile", action="store_true", help="torch.compile the model (hpu_backend on Gaudi)")
@@ -732,7 +732,7 @@ def main(argv=None):
     dtype = parse_dtype(args.dtype)
     if dtype is None and device.type in ("cuda", "hpu"):
         dtype = torch.bfloat16
-    if dtype not in (None, torch.float32) and device.type not in ("cuda", "hpu"):
+    if dtype not in (None, torch.float32) and device.type not in ("cuda", "hpu", "cpu"):
         say(f"note: no autocast on {device.type} (model.autocast): training in float32")
         dtype = None
     if not args.resume and os.path.isfile(os.path.join(args.out, "train_state.pt")):

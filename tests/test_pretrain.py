@@ -110,6 +110,14 @@ def test_loss_decreases_on_a_small_repeated_corpus(corpus, tmp_path):
     assert saved_step(tmp_path / "out") == 12
 
 
+def test_bfloat16_on_cpu_trains_under_autocast_with_fp32_weights(corpus, tmp_path):
+    fp32 = run_main(flags(corpus, tmp_path / "a", 4), tmp_path / "a.json")
+    bf16 = run_main(flags(corpus, tmp_path / "b", 4, "--dtype", "bfloat16"), tmp_path / "b.json")
+    assert bf16["losses"] != fp32["losses"]                          # the matmuls really ran in bf16 ...
+    assert bf16["losses"] == pytest.approx(fp32["losses"], abs=0.05)  # ... and trained the same way
+    assert all(w.dtype == torch.float32 for w in weights(tmp_path / "b").values())
+
+
 def test_resume_is_exact(corpus, tmp_path):
     full = run_main(flags(corpus, tmp_path / "full", 6), tmp_path / "full.json")
     first = run_main(flags(corpus, tmp_path / "split", 6, "--stop-at", "3"), tmp_path / "first.json")
