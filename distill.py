@@ -264,17 +264,22 @@ def generate_batch(model, prompts, max_new_tokens, temperature=0.0, top_p=None, 
     logits = model(idx, input_pos=0, last_n=1, pad=pad)[:, -1]                        # (B, V)
     stop = set(stop_ids)
     out, stopped = [[] for _ in range(B)], [False] * B
+    live = list(range(B))                       # the prompt index of each row still in the batch
     for t in range(max_new_tokens):
-        probs = sample_probs(logits, temperature, top_p=top_p)                        # (B, V); one-hot if greedy
-        nxt = sample(probs, generator)                                                 # (B,)
-        for b, tok in enumerate(nxt.tolist()):
+        probs = sample_probs(logits, temperature, top_p=top_p)                        # (B', V); one-hot if greedy
+        nxt = sample(probs, generator)                                                 # (B',)
+        for b, tok in zip(live, nxt.tolist()):
             if not stopped[b]:
                 out[b].append(tok)
                 stopped[b] = tok in stop
         if all(stopped) or t == max_new_tokens - 1:
             break
-        # finished rows keep decoding (their tokens are ignored): shrinking the batch would mean copying the cache
-        logits = model(nxt[:, None], input_pos=L + t, pad=pad)[:, -1]                 # (B, V)
+        keep = [i for i, b in enumerate(live) if not stopped[b]]
+        if len(live) - len(keep) >= max(1, len(live) // 4):
+            # a quarter of the rows are done: drop them (one cache copy) instead of decoding them on and on
+            model.keep_cache_rows(keep, L + t)
+            live, nxt, pad = [live[i] for i in keep], nxt[keep], pad[keep]
+        logits = model(nxt[:, None], input_pos=L + t, pad=pad)[:, -1]                 # (B', V)
     model.clear_cache()
     return out, stopped
 

@@ -298,6 +298,17 @@ class Transformer(nn.Module):
         if S > self.rope_cos.size(0):
             self.reset_rope(S)
 
+    def keep_cache_rows(self, rows, length):
+        """Keep only the batch rows `rows` of the cache (slots [0, length)), moved to the front in that order.
+
+        Attention reads the first B rows of the cache, so the next forward with B = len(rows) continues exactly
+        these rows: a batch drops its finished rows without recomputing anything."""
+        idx = torch.tensor(rows, device=self.embed_tokens.weight.device)
+        for layer in self.layers:
+            attn = layer.self_attn
+            attn.k_cache[:len(rows), :, :length] = attn.k_cache[idx, :, :length]   # the gather copies first
+            attn.v_cache[:len(rows), :, :length] = attn.v_cache[idx, :, :length]
+
     def clear_cache(self):
         """Free the KV cache."""
         for layer in self.layers:

@@ -44,17 +44,23 @@ def folders(tmp_path_factory):
 # generation
 
 def test_batched_generation_equals_one_row_at_a_time():
-    m = tiny(vocab=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64)
+    # untied head, seed 1: a random model whose greedy tokens depend on the context (a tied one repeats a token)
+    m = tiny(vocab=97, seed=1, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, tie_embeddings=False)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (1, 7, 3, 12, 5)]
     alone = [distill.generate_batch(m, [p], 10, temperature=0)[0][0] for p in prompts]
     batched, stopped = distill.generate_batch(m, prompts, 10, temperature=0)
-    assert batched == alone and not any(stopped)
+    assert batched == alone and not any(stopped) and all(len(set(a)) > 3 for a in alone)
     # per-row stop: a token that row 1 emits third ends row 1 there and changes no other row's tokens
+    # (finished rows leave the batch: the cache keeps only the live rows, and the others must not notice)
     stop = alone[1][2]
     cut = [a[:a.index(stop) + 1] if stop in a else a for a in alone]
+    kept, keep_rows = [], m.keep_cache_rows
+    m.keep_cache_rows = lambda rows, length: (kept.append(list(rows)), keep_rows(rows, length))
     batched, stopped = distill.generate_batch(m, prompts, 10, temperature=0, stop_ids={stop})
+    del m.keep_cache_rows
     assert batched == cut and stopped[1] and len(batched[1]) <= 3
+    assert kept and all(len(rows) < len(prompts) for rows in kept)
     assert [distill.generate_batch(m, [p], 10, temperature=0, stop_ids={stop})[0][0] for p in prompts] == cut
 
 

@@ -352,6 +352,17 @@ def test_rewriting_from_earlier_position_equals_fresh_cache():
     torch.testing.assert_close(rolled, m(x)[:, 10:], atol=1e-5, rtol=0)
 
 
+def test_keeping_cache_rows_continues_exactly_those_rows():
+    m, x = tiny_model(), ids(T=12, B=3, seed=4)
+    with torch.no_grad():
+        full = m(x)
+        m.setup_cache(3, 16)
+        m(x[:, :9], input_pos=0)
+        m.keep_cache_rows([2, 0], 9)                # row 1 leaves; rows 2 and 0 move to the front, in that order
+        rest = m(x[[2, 0], 9:], input_pos=9)
+    torch.testing.assert_close(rest, full[[2, 0], 9:], atol=1e-5, rtol=0)
+
+
 def test_left_padded_row_equals_unpadded_row():
     m = tiny_model()
     long, short = ids(T=12, B=1, seed=1), ids(T=7, B=1, seed=2)
