@@ -252,7 +252,8 @@ def generate_batch(model, prompts, max_new_tokens, temperature=0.0, top_p=None, 
 
     Left padding lines up every row's last prompt token at the same cache slot, so each decode step is one
     (B, 1) forward; the `pad` argument hides the padding slots and shifts RoPE positions so that every row
-    computes exactly what it would alone. Returns (completions: list of id lists, stopped: list of bools);
+    computes exactly what it would alone. Rows that stopped leave the batch (B' rows stay) once they are a
+    quarter of it. Returns (completions: list of id lists, stopped: list of bools);
     a completion includes its stop token (the draft must learn to predict end-of-turn too)."""
     device = next(model.parameters()).device
     B, L = len(prompts), max(len(p) for p in prompts)
