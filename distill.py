@@ -35,7 +35,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from model import UserError, run_cli, load_model, pick_device, parse_dtype
+from model import UserError, run_cli, load_model, pick_device, parse_dtype, train_dtype
 from data import load_tokenizer, read_documents
 from speculative import sample_probs, sample, check_same_vocab
 from pretrain import (IGNORE, next_token_loss, configure_optimizer, setup_distributed, load_checkpoint,
@@ -847,9 +847,7 @@ def cmd_train(args, given):
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
     say = print if rank == 0 else (lambda *a, **k: None)
-    dtype = parse_dtype(args.dtype)
-    if dtype is None and device.type in ("cuda", "hpu"):
-        dtype = torch.bfloat16
+    dtype = train_dtype(device, args.dtype)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     ttok = load_tokenizer(args.target)

@@ -445,17 +445,27 @@ def _hpu_available():
         return False
 
 
-def autocast(device, dtype=None):
-    """Mixed precision for training. dtype None ("auto"): bf16 on cuda/hpu, full precision on cpu/mps; an explicit
-    bfloat16 also turns it on for the cpu (worth it where the cpu has bf16 matrix units); float32: always off."""
+def train_dtype(device, name):
+    """The --dtype flag of a training script -> the autocast dtype of each step (None: full precision).
+
+    auto: bf16 on cuda/hpu, full precision on cpu/mps. bfloat16 turns autocast on for the cpu too (worth it where
+    the cpu has bf16 matrix units). float16 would need loss scaling, which our training loop does not do."""
     device = torch.device(device)
-    if dtype == torch.float32 or device.type == "mps":
+    dtype = parse_dtype(name)
+    if dtype is None:
+        return torch.bfloat16 if device.type in ("cuda", "hpu") else None
+    if dtype == torch.float16:
+        raise UserError("--dtype float16 needs loss scaling, which this training loop does not do: use bfloat16")
+    if dtype != torch.float32 and device.type == "mps":
+        raise UserError(f"--dtype {name}: no autocast on mps here; use float32")
+    return None if dtype == torch.float32 else dtype
+
+
+def autocast(device, dtype=None):
+    """Mixed precision for one training step, in train_dtype()'s dtype; None (or float32): full precision."""
+    if dtype in (None, torch.float32):
         return nullcontext()
-    if device.type in ("cuda", "hpu"):
-        return torch.autocast(device.type, dtype=dtype or torch.bfloat16)
-    if device.type == "cpu" and dtype == torch.bfloat16:
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 def sync(device):

@@ -51,7 +51,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import (PRESETS, Transformer, UserError, autocast, load_model, mark_step, parse_dtype,
+from model import (PRESETS, Transformer, UserError, autocast, load_model, mark_step, train_dtype,
                    pick_device, run_cli, save_model, sync)
 import data
 
@@ -652,8 +652,6 @@ def check_args(args):
             raise UserError(f"--{name.replace('_', '-')} must not be negative (got {v})")
     if args.preset not in PRESETS:
         raise UserError(f"unknown preset {args.preset!r} (choose from: {', '.join(PRESETS)})")
-    if parse_dtype(args.dtype) == torch.float16:
-        raise UserError("--dtype float16 needs loss scaling, which this script does not do: use bfloat16")
 
 
 def build_draft(args, tok, given, device):
@@ -729,12 +727,7 @@ def main(argv=None):
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
     say = print if rank == 0 else (lambda *a, **k: None)
-    dtype = parse_dtype(args.dtype)
-    if dtype is None and device.type in ("cuda", "hpu"):
-        dtype = torch.bfloat16
-    if dtype not in (None, torch.float32) and device.type not in ("cuda", "hpu", "cpu"):
-        say(f"note: no autocast on {device.type} (model.autocast): training in float32")
-        dtype = None
+    dtype = train_dtype(device, args.dtype)
     if not args.resume and os.path.isfile(os.path.join(args.out, "train_state.pt")):
         say(f"note: {args.out} holds a checkpoint; this new run replaces it at its first save "
             f"(--resume {args.out} would continue it)")

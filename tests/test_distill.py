@@ -43,7 +43,7 @@ def folders(tmp_path_factory):
 # -----------------------------------------------------------------------------
 # generation
 
-def test_batched_generation_equals_one_row_at_a_time():
+def test_batched_generation_equals_one_row_at_a_time(monkeypatch):
     # untied head, seed 1: a random model whose greedy tokens depend on the context (a tied one repeats a token)
     m = tiny(vocab=97, seed=1, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, tie_embeddings=False)
     g = torch.Generator().manual_seed(0)
@@ -56,9 +56,9 @@ def test_batched_generation_equals_one_row_at_a_time():
     stop = alone[1][2]
     cut = [a[:a.index(stop) + 1] if stop in a else a for a in alone]
     kept, keep_rows = [], m.keep_cache_rows
-    m.keep_cache_rows = lambda rows, length: (kept.append(list(rows)), keep_rows(rows, length))
+    monkeypatch.setattr(m, "keep_cache_rows", lambda rows, length: (kept.append(list(rows)), keep_rows(rows, length)))
     batched, stopped = distill.generate_batch(m, prompts, 10, temperature=0, stop_ids={stop})
-    del m.keep_cache_rows
+    monkeypatch.undo()
     assert batched == cut and stopped[1] and len(batched[1]) <= 3
     assert kept and all(len(rows) < len(prompts) for rows in kept)
     assert [distill.generate_batch(m, [p], 10, temperature=0, stop_ids={stop})[0][0] for p in prompts] == cut

@@ -414,13 +414,17 @@ def test_device_and_dtype_helpers():
     assert M.parse_dtype("auto") is None and M.parse_dtype("bfloat16") is torch.bfloat16
     with pytest.raises(M.UserError):
         M.parse_dtype("int3")
+    cpu = torch.device("cpu")
+    assert M.train_dtype(torch.device("cuda"), "auto") is torch.bfloat16 and M.train_dtype(cpu, "auto") is None
+    assert M.train_dtype(cpu, "float32") is None and M.train_dtype(cpu, "bf16") is torch.bfloat16
+    for device, name in ((cpu, "float16"), (torch.device("mps"), "bfloat16")):
+        with pytest.raises(M.UserError):
+            M.train_dtype(device, name)
     lin, x = torch.nn.Linear(8, 8), torch.randn(2, 8)
-    with M.autocast(torch.device("cpu")):                  # auto on cpu: full precision
+    with M.autocast(cpu, M.train_dtype(cpu, "auto")):      # auto on cpu: full precision
         assert lin(x).dtype == torch.float32
-    with M.autocast(torch.device("cpu"), torch.bfloat16):  # asked for: bf16 matmuls, fp32 weights
+    with M.autocast(cpu, M.train_dtype(cpu, "bfloat16")):  # asked for: bf16 matmuls, fp32 weights
         assert lin(x).dtype == torch.bfloat16 and lin.weight.dtype == torch.float32
-    with M.autocast(torch.device("cpu"), torch.float32):
-        assert lin(x).dtype == torch.float32
     M.sync(torch.device("cpu"))
     M.mark_step(torch.device("cpu"))
 

@@ -229,6 +229,7 @@ def test_init_from_with_another_vocabulary_is_refused(tmp_path):
     (["--batch-size", "0"], "--batch-size must be positive"),
     (["--seq-len", "-4"], "--seq-len must be positive"),
     (["--resume", "/nonexistent/run"], "no checkpoint"),
+    (["--dtype", "float16", "--device", "cpu"], "loss scaling"),
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "nope"], "cuda|device"),
 ])
 def test_bad_input_is_one_line_user_error(argv, message, tmp_path):
