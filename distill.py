@@ -35,7 +35,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from model import UserError, run_cli, load_model, pick_device, parse_dtype, train_dtype
+from common import UserError, run_cli, pick_device, parse_dtype, train_dtype
+from checkpoint import load_model
 from data import load_tokenizer, read_documents
 from speculative import sample_probs, sample, check_same_vocab
 from pretrain import (IGNORE, next_token_loss, configure_optimizer, setup_distributed, load_checkpoint,

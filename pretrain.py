@@ -51,8 +51,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import (PRESETS, Transformer, UserError, autocast, load_model, mark_step, train_dtype,
-                   pick_device, run_cli, save_model, sync)
+from common import UserError, autocast, mark_step, train_dtype, pick_device, run_cli, sync
+from checkpoint import load_model, save_model
+from model import PRESETS, Transformer
 import data
 
 IGNORE = -100  # target id that is not scored (same convention as F.cross_entropy's ignore_index)
@@ -245,7 +246,7 @@ def _reduce_sum(values, device, ddp):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Checkpoints: <folder>/config.json + model.safetensors (model.save_model: HF Llama layout, loads in
+# Checkpoints: <folder>/config.json + model.safetensors (checkpoint.save_model: HF Llama layout, loads in
 # transformers) + train_state.pt (optimizer tensors, RNG tensors, and a JSON string with everything else;
 # loads with torch.load(weights_only=True)). The folder is written as <folder>.tmp-<pid> and then swapped in,
 # so at every instant a complete checkpoint exists on disk: <folder>, or during the two renames of the swap

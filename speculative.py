@@ -25,7 +25,8 @@ import time
 
 import torch
 
-import model as M
+import checkpoint
+import common
 
 # -----------------------------------------------------------------------------
 # 1. sampling: the ONE filter both models go through
@@ -131,25 +132,25 @@ def _make_generator(device, seed):
 
 def _check_settings(max_new_tokens, temperature, top_k, top_p, gamma=None):
     if max_new_tokens < 1:
-        raise M.UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        raise common.UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if gamma is not None and gamma < 1:
-        raise M.UserError(f"gamma (draft tokens per round) must be >= 1, got {gamma}")
+        raise common.UserError(f"gamma (draft tokens per round) must be >= 1, got {gamma}")
     if temperature < 0:
-        raise M.UserError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        raise common.UserError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k < 1:
-        raise M.UserError(f"top_k must be >= 1, got {top_k}")
+        raise common.UserError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise M.UserError(f"top_p must be in (0, 1], got {top_p}")
+        raise common.UserError(f"top_p must be in (0, 1], got {top_p}")
 
 
 def _check_prompt(prompt_ids):
     if len(prompt_ids) == 0:
-        raise M.UserError("the prompt is empty: give at least one token of prompt")
+        raise common.UserError("the prompt is empty: give at least one token of prompt")
 
 
 def _check_context(m, name, needed, what):
     if needed > m.config.max_seq_len:
-        raise M.UserError(f"{what} = {needed} tokens is longer than the {name} model's context of "
+        raise common.UserError(f"{what} = {needed} tokens is longer than the {name} model's context of "
                           f"{m.config.max_seq_len} tokens; shorten the prompt or max_new_tokens")
 
 
@@ -161,7 +162,7 @@ def _prefill(m, prompt_ids, device):
 
 
 def _finish_stats(stats, t0, device):
-    M.sync(device)  # the device may still be working: wait before reading the clock
+    common.sync(device)  # the device may still be working: wait before reading the clock
     stats["seconds"] = time.perf_counter() - t0
     stats["tokens_per_second"] = stats["new_tokens"] / stats["seconds"] if stats["seconds"] > 0 else 0.0
     stats["acceptance_rate"] = stats["accepted"] / stats["drafted"] if stats["drafted"] else 0.0
@@ -186,10 +187,10 @@ def autoregressive(target, prompt_ids, max_new_tokens, temperature=0.6, top_k=No
     stats = dict(drafted=0, accepted=0, accepted_per_position=[], target_forwards=0, draft_forwards=0,
                  new_tokens=0, gamma=0)
     target.setup_cache(1, max_seq_len=len(prompt_ids) + max_new_tokens)
-    M.sync(device)
+    common.sync(device)
     t0 = time.perf_counter()
     _prefill(target, prompt_ids, device)
-    M.sync(device)
+    common.sync(device)
     stats["prefill_seconds"] = time.perf_counter() - t0
 
     new_ids = []
@@ -243,11 +244,11 @@ def generate(target, draft, prompt_ids, max_new_tokens, gamma=3, temperature=0.6
                  target_forwards=0, draft_forwards=0, new_tokens=0, gamma=gamma)
     target.setup_cache(1, max_seq_len=needed)
     draft.setup_cache(1, max_seq_len=needed)
-    M.sync(device)
+    common.sync(device)
     t0 = time.perf_counter()
     _prefill(target, prompt_ids, device)
     _prefill(draft, prompt_ids, device)
-    M.sync(device)
+    common.sync(device)
     stats["prefill_seconds"] = time.perf_counter() - t0
 
     ids = list(prompt_ids)  # everything so far; the target's cache always holds ids[:-1]
@@ -322,9 +323,9 @@ def check_same_vocab(target, draft, target_tok=None, draft_tok=None):
            "use the target's exact vocabulary (train it with the target's tokenizer)")
     vt, vd = target.config.vocab_size, draft.config.vocab_size
     if vt != vd:
-        raise M.UserError(f"vocabulary mismatch: target has {vt} tokens, draft has {vd}; {why}")
+        raise common.UserError(f"vocabulary mismatch: target has {vt} tokens, draft has {vd}; {why}")
     if target_tok is not None and draft_tok is not None and target_tok.fingerprint() != draft_tok.fingerprint():
-        raise M.UserError(f"vocabulary mismatch: both have {vt} tokens but different token strings; {why}")
+        raise common.UserError(f"vocabulary mismatch: both have {vt} tokens but different token strings; {why}")
 
 
 def cost_ratio(draft, target):
@@ -355,11 +356,11 @@ def measure_costs(target, draft, prompt_ids, gamma, repeats=7):
         x = torch.tensor([prompt_ids[-1:] * n_tokens], device=device)
         times = []
         for _ in range(repeats + 1):  # the first call is a warm-up
-            M.sync(device)
+            common.sync(device)
             t0 = time.perf_counter()
             logits = m(x, input_pos=n - 1, last_n=n_tokens)
             logits[0, -1, 0].item()  # make sure the forward really ran (lazy devices)
-            M.sync(device)
+            common.sync(device)
             times.append(time.perf_counter() - t0)
         return statistics.median(times[1:])
 
@@ -402,22 +403,22 @@ def main():
 
     # cheap checks first, before seconds of model loading
     if not args.prompt:
-        raise M.UserError("the prompt is empty: pass --prompt TEXT")
+        raise common.UserError("the prompt is empty: pass --prompt TEXT")
     _check_settings(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.gamma)
-    M.resolve_spec(args.target)
-    M.resolve_spec(args.draft)
+    checkpoint.resolve_spec(args.target)
+    checkpoint.resolve_spec(args.draft)
 
-    device = M.pick_device(args.device)
-    dtype = M.parse_dtype(args.dtype)
-    target = M.load_model(args.target, device=device, dtype=dtype)
+    device = common.pick_device(args.device)
+    dtype = common.parse_dtype(args.dtype)
+    target = checkpoint.load_model(args.target, device=device, dtype=dtype)
     # the target as its own draft: one copy in memory (generate() handles the shared cache)
-    draft = target if args.draft == args.target else M.load_model(args.draft, device=device, dtype=dtype)
+    draft = target if args.draft == args.target else checkpoint.load_model(args.draft, device=device, dtype=dtype)
     check_same_vocab(target, draft)  # the size first: it needs no tokenizer
     import data  # only here: the library part of this file needs only model.py
     tok = data.load_tokenizer(args.target)
     try:
         draft_tok = tok if draft is target else data.load_tokenizer(args.draft)
-    except M.UserError:
+    except common.UserError:
         draft_tok = None  # no tokenizer found for the draft: the vocabulary size check above still holds
     check_same_vocab(target, draft, tok, draft_tok)
 
@@ -494,4 +495,4 @@ def main():
 
 
 if __name__ == "__main__":
-    M.run_cli(main)
+    common.run_cli(main)

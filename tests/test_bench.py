@@ -14,8 +14,10 @@ import pytest
 import torch
 
 import bench
+import checkpoint
 import model
-from model import ModelConfig, UserError
+from common import UserError
+from model import ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GAMMAS, TEMPERATURES, MAX_NEW = (1, 3), (0.0, 0.6), 8
@@ -53,10 +55,10 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench_models")
     target = tiny(dim=64, n_layers=2, seed=0)
     paths = {"target": str(root / "target"), "same": str(root / "same"), "small": str(root / "small")}
-    model.save_model(target, paths["target"])
-    model.save_model(target, paths["same"])  # a draft identical to the target: greedy drafts are always accepted
-    model.save_model(tiny(dim=32, n_layers=1, seed=1), paths["small"])
-    model.save_model(tiny(vocab_size=1000, seed=2), str(root / "other_vocab"))
+    checkpoint.save_model(target, paths["target"])
+    checkpoint.save_model(target, paths["same"])  # a draft identical to the target: greedy drafts are always accepted
+    checkpoint.save_model(tiny(dim=32, n_layers=1, seed=1), paths["small"])
+    checkpoint.save_model(tiny(vocab_size=1000, seed=2), str(root / "other_vocab"))
     paths["other_vocab"] = str(root / "other_vocab")
     paths["root"] = str(root)
     return paths

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import data
-from model import UserError
+from common import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 
 import data
 import distill
+import checkpoint
+import common
 import model
 from pretrain import IGNORE
 
@@ -35,8 +37,8 @@ def tok():
 def folders(tmp_path_factory):
     """A tiny target and a tiny draft (other weights) saved as model folders, plus a prompt file."""
     root = tmp_path_factory.mktemp("distill")
-    model.save_model(tiny(seed=0), str(root / "target"))
-    model.save_model(tiny(seed=1), str(root / "draft"))
+    checkpoint.save_model(tiny(seed=0), str(root / "target"))
+    checkpoint.save_model(tiny(seed=1), str(root / "draft"))
     return root
 
 
@@ -99,7 +101,7 @@ def shard_rows(out):
 
 
 def test_generation_is_sharded_and_resumable(folders, tok, tmp_path):
-    target = model.load_model(str(folders / "target"))
+    target = checkpoint.load_model(str(folders / "target"))
     n_prompts = write_prompts(tmp_path / "p.jsonl")
     kw = dict(prompts=str(tmp_path / "p.jsonl"), out=str(tmp_path / "gen"), target_spec="t", temperatures=(0, 1),
               batch_size=3, max_new_tokens=3, max_prompt_tokens=128, log=lambda *a: None)
@@ -121,7 +123,7 @@ def test_generation_is_sharded_and_resumable(folders, tok, tmp_path):
     assert shard_rows(tmp_path / "gen") == rows                            # a rerun adds nothing
     assert {n: os.path.getmtime(tmp_path / "gen" / n) for n in rows} == mtimes
     assert m["counts"]["examples"] == 2 * n_prompts and m["counts"]["units_done"] == m["counts"]["units_total"]
-    with pytest.raises(model.UserError, match="other settings"):
+    with pytest.raises(common.UserError, match="other settings"):
         distill.generate_dataset(target, tok, **{**kw, "max_new_tokens": 4})
 
 
@@ -207,7 +209,7 @@ def test_several_data_folders_are_one_set_without_repeats(tok, tmp_path):
     assert len(distill.read_synthetic(str(tmp_path / "a"))) == 24
     both = distill.read_synthetic(f"{tmp_path / 'a'},{tmp_path / 'b'}")
     assert len(both) == len(set(map(str, both))) == 30
-    with pytest.raises(model.UserError, match="not found: .*missing"):
+    with pytest.raises(common.UserError, match="not found: .*missing"):
         distill.read_synthetic(f"{tmp_path / 'a'},{tmp_path / 'missing'}")
 
 
@@ -221,32 +223,32 @@ def test_train_reduces_the_loss(folders, tok, tmp_path):
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["val_rows"] > 0 and r["step"] == 8
     assert r["val_loss_end"] < r["val_loss_start"] - 0.5
-    assert model.load_model(str(out)).config.vocab_size == V
+    assert checkpoint.load_model(str(out)).config.vocab_size == V
 
 
 def test_bad_inputs_are_one_clear_line(folders, tok, tmp_path):
     write_synthetic(tmp_path / "syn", tok, n=4)
     base = ["train", "--draft", str(folders / "draft"), "--target", str(folders / "target"), "--out",
             str(tmp_path / "o"), "--data"]
-    with pytest.raises(model.UserError, match="unknown loss"):
+    with pytest.raises(common.UserError, match="unknown loss"):
         distill.main(base + [str(tmp_path / "syn"), "--loss", "mse"])
-    model.save_model(tiny(vocab=1000), str(tmp_path / "small"))
-    with pytest.raises(model.UserError, match="vocabulary mismatch"):
+    checkpoint.save_model(tiny(vocab=1000), str(tmp_path / "small"))
+    with pytest.raises(common.UserError, match="vocabulary mismatch"):
         distill.main(["train", "--draft", str(tmp_path / "small"), "--target", str(folders / "target"),
                       "--data", str(tmp_path / "syn"), "--out", str(tmp_path / "o")])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(model.UserError, match="no shards"):
+    with pytest.raises(common.UserError, match="no shards"):
         distill.main(base + [str(tmp_path / "empty")])
     bad = tmp_path / "syn" / "shard-r0-p00001-t1.jsonl"
     bad.write_text('{"prompt_ids": [1], "completion_ids": [2]}\n{"prompt_ids": [1], "completion_i\n')
-    with pytest.raises(model.UserError, match=r"shard-r0-p00001-t1\.jsonl:2: corrupt"):
+    with pytest.raises(common.UserError, match=r"shard-r0-p00001-t1\.jsonl:2: corrupt"):
         distill.main(base + [str(tmp_path / "syn")])
 
     (tmp_path / "none.txt").write_text("\n\n")
     gen = ["generate", "--target", str(folders / "target"), "--out", str(tmp_path / "g"), "--prompts"]
     for prompts, msg in [(str(tmp_path / "none.txt"), "has no prompts"), (str(tmp_path / "nope.jsonl"), "not found"),
                          ("", "empty"), ("alpaca", "unknown prompt source")]:
-        with pytest.raises(model.UserError, match=msg):
+        with pytest.raises(common.UserError, match=msg):
             distill.main(gen + [prompts])
     # through the real command line: exit code 2 and one line on stderr
     r = subprocess.run([sys.executable, os.path.join(ROOT, "distill.py")] + base + [str(tmp_path / "empty")],

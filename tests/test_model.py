@@ -9,6 +9,8 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import checkpoint
+import common
 import model as M  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
@@ -67,10 +69,10 @@ def hf_gguf(path):
 @pytest.fixture(scope="module")
 def smollm2_pair():
     try:
-        path = M.resolve_spec("smollm2")
-    except M.UserError as e:
+        path = checkpoint.resolve_spec("smollm2")
+    except common.UserError as e:
         pytest.skip(str(e))
-    return M.load_model("smollm2"), hf_gguf(path)
+    return checkpoint.load_model("smollm2"), hf_gguf(path)
 
 
 def test_smollm2_logits_match_transformers(smollm2_pair):
@@ -131,7 +133,7 @@ def assert_same_logits(ours, theirs, idx, atol=1e-4):
 def test_hf_llama_folder_loads_with_same_logits(tmp_path):
     hf = hf_llama()
     hf.save_pretrained(tmp_path / "llama")
-    ours = M.load_model(tmp_path / "llama")
+    ours = checkpoint.load_model(tmp_path / "llama")
     assert not ours.config.tie_embeddings and ours.config.eos_id == 2
     assert_same_logits(ours, hf, ids())
 
@@ -140,7 +142,7 @@ def test_sharded_hf_folder_loads(tmp_path):
     hf = hf_llama(tie=True)
     hf.save_pretrained(tmp_path / "sharded", max_shard_size="50KB")
     assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
-    assert_same_logits(M.load_model(tmp_path / "sharded"), hf, ids())
+    assert_same_logits(checkpoint.load_model(tmp_path / "sharded"), hf, ids())
 
 
 def test_hf_phi3_folder_splits_fused_projections(tmp_path):
@@ -151,7 +153,7 @@ def test_hf_phi3_folder_splits_fused_projections(tmp_path):
         pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
     hf = transformers.Phi3ForCausalLM(cfg).eval()
     hf.save_pretrained(tmp_path / "phi3")
-    assert_same_logits(M.load_model(tmp_path / "phi3"), hf, ids())
+    assert_same_logits(checkpoint.load_model(tmp_path / "phi3"), hf, ids())
 
 
 def test_hf_mistral_folder_loads_with_same_logits(tmp_path):
@@ -161,7 +163,7 @@ def test_hf_mistral_folder_loads_with_same_logits(tmp_path):
         num_key_value_heads=1, max_position_embeddings=128, sliding_window=None, tie_word_embeddings=False)
     hf = transformers.MistralForCausalLM(cfg).eval()
     hf.save_pretrained(tmp_path / "mistral")
-    assert_same_logits(M.load_model(tmp_path / "mistral"), hf, ids())
+    assert_same_logits(checkpoint.load_model(tmp_path / "mistral"), hf, ids())
 
 
 def test_llama3_rope_scaling_matches_transformers(tmp_path):
@@ -169,7 +171,7 @@ def test_llama3_rope_scaling_matches_transformers(tmp_path):
                "original_max_position_embeddings": 64}
     hf = hf_llama(rope_scaling=scaling)
     hf.save_pretrained(tmp_path / "l3")
-    ours = M.load_model(tmp_path / "l3")
+    ours = checkpoint.load_model(tmp_path / "l3")
     assert ours.config.rope_scaling["rope_type"] == "llama3"
     torch.testing.assert_close(M.rope_frequencies(ours.config), hf.model.rotary_emb.inv_freq.float())
     assert_same_logits(ours, hf, ids(T=100, B=1))
@@ -181,24 +183,24 @@ def test_save_model_loads_in_transformers_and_round_trips(tmp_path, tie):
                       rope_scaling=None if tie else {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                      "high_freq_factor": 4.0,
                                                      "original_max_position_embeddings": 32})
-    M.save_model(ours, tmp_path / "draft", extra={"step": 7})
+    checkpoint.save_model(ours, tmp_path / "draft", extra={"step": 7})
     cfg = json.loads((tmp_path / "draft" / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLM"]
     assert cfg["fastdraft"]["tokenizer"] == "smollm2" and cfg["fastdraft"]["step"] == 7
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "draft").eval()
     assert_same_logits(ours, hf, ids())
-    again = M.load_model(tmp_path / "draft")
+    again = checkpoint.load_model(tmp_path / "draft")
     assert again.config == ours.config
     with torch.no_grad():
         torch.testing.assert_close(again(ids()), ours(ids()), atol=0, rtol=0)
 
 
 def test_save_model_replaces_atomically(tmp_path):
-    M.save_model(tiny_model(seed=0), tmp_path / "d")
-    M.save_model(tiny_model(seed=1), tmp_path / "d")
+    checkpoint.save_model(tiny_model(seed=0), tmp_path / "d")
+    checkpoint.save_model(tiny_model(seed=1), tmp_path / "d")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
     with torch.no_grad():
-        torch.testing.assert_close(M.load_model(tmp_path / "d")(ids()), tiny_model(seed=1)(ids()))
+        torch.testing.assert_close(checkpoint.load_model(tmp_path / "d")(ids()), tiny_model(seed=1)(ids()))
 
 
 # -----------------------------------------------------------------------------
@@ -239,9 +241,9 @@ def write_gguf(path, m, arch="llama", types=None, k_quants=None):
     w.add_layer_norm_rms_eps(c.norm_eps)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
-    names = {v: k for k, v in M._GGUF_NAMES.items()}
+    names = {v: k for k, v in checkpoint._GGUF_NAMES.items()}
     expected = {}
-    for i, (name, t) in enumerate(M.hf_state_dict(m).items()):
+    for i, (name, t) in enumerate(checkpoint.hf_state_dict(m).items()):
         a = t.float().numpy()
         name = name.removeprefix("model.")
         if name == "embed_tokens.weight":
@@ -276,7 +278,7 @@ def write_gguf(path, m, arch="llama", types=None, k_quants=None):
 
 
 def unpermute_ref(w, n_head):
-    """The inverse of llamacpp_permute, written independently of model._unpermute."""
+    """The inverse of llamacpp_permute, written independently of checkpoint._unpermute."""
     rows, dim = w.shape
     return w.reshape(n_head, rows // n_head // 2, 2, dim).transpose(1, 2).reshape(rows, dim)
 
@@ -285,16 +287,16 @@ def unpermute_ref(w, n_head):
 def test_gguf_dequantizes_and_unpermutes(tmp_path, tie):
     m = tiny_model(tie_embeddings=tie)
     expected = write_gguf(tmp_path / "m.gguf", m)
-    loaded = M.load_model(tmp_path / "m.gguf")
+    loaded = checkpoint.load_model(tmp_path / "m.gguf")
     assert loaded.config.tie_embeddings == tie and loaded.config.eos_id == 2
-    sd = {k.removeprefix("model."): v for k, v in M.hf_state_dict(loaded).items()}
+    sd = {k.removeprefix("model."): v for k, v in checkpoint.hf_state_dict(loaded).items()}
     assert set(sd) == set(expected)
     for name, t in expected.items():
         torch.testing.assert_close(sd[name], t, atol=0, rtol=0, msg=name)
     # float32 storage only: the GGUF model computes exactly what the original does
     write_gguf(tmp_path / "f32.gguf", m, types=[gguf.GGMLQuantizationType.F32])
     with torch.no_grad():
-        torch.testing.assert_close(M.load_model(tmp_path / "f32.gguf")(ids()), m(ids()), atol=1e-5, rtol=0)
+        torch.testing.assert_close(checkpoint.load_model(tmp_path / "f32.gguf")(ids()), m(ids()), atol=1e-5, rtol=0)
 
 
 def test_gguf_k_quants_load(tmp_path):
@@ -302,7 +304,7 @@ def test_gguf_k_quants_load(tmp_path):
     m = tiny_model(ffn_dim=256)  # K-quants pack rows in blocks of 256
     expected = write_gguf(tmp_path / "k.gguf", m, types=[Q.F32],
                           k_quants={"blk.0.ffn_down.weight": Q.Q4_K, "blk.1.ffn_down.weight": Q.Q6_K})
-    sd = {k.removeprefix("model."): v for k, v in M.hf_state_dict(M.load_model(tmp_path / "k.gguf")).items()}
+    sd = {k.removeprefix("model."): v for k, v in checkpoint.hf_state_dict(checkpoint.load_model(tmp_path / "k.gguf")).items()}
     for name, t in expected.items():
         torch.testing.assert_close(sd[name], t, atol=0, rtol=0, msg=name)
     assert sd["layers.0.mlp.down_proj.weight"].abs().max() > 0
@@ -400,38 +402,38 @@ def test_presets_have_documented_sizes():
 
 
 def test_device_and_dtype_helpers():
-    assert M.pick_device("cpu").type == "cpu"
-    assert M.pick_device("auto").type in ("cpu", "cuda", "mps", "hpu")
-    with pytest.raises(M.UserError, match="habana"):
-        if M.importlib.util.find_spec("habana_frameworks") is not None:
+    assert common.pick_device("cpu").type == "cpu"
+    assert common.pick_device("auto").type in ("cpu", "cuda", "mps", "hpu")
+    with pytest.raises(common.UserError, match="habana"):
+        if common.importlib.util.find_spec("habana_frameworks") is not None:
             pytest.skip("Habana bridge installed")
-        M.pick_device("hpu")
+        common.pick_device("hpu")
     if not torch.cuda.is_available():
-        with pytest.raises(M.UserError, match="cuda"):
-            M.pick_device("cuda")
-    with pytest.raises(M.UserError):
-        M.pick_device("tpu")
-    assert M.parse_dtype("auto") is None and M.parse_dtype("bfloat16") is torch.bfloat16
-    with pytest.raises(M.UserError):
-        M.parse_dtype("int3")
+        with pytest.raises(common.UserError, match="cuda"):
+            common.pick_device("cuda")
+    with pytest.raises(common.UserError):
+        common.pick_device("tpu")
+    assert common.parse_dtype("auto") is None and common.parse_dtype("bfloat16") is torch.bfloat16
+    with pytest.raises(common.UserError):
+        common.parse_dtype("int3")
     cpu = torch.device("cpu")
-    assert M.train_dtype(torch.device("cuda"), "auto") is torch.bfloat16 and M.train_dtype(cpu, "auto") is None
-    assert M.train_dtype(cpu, "float32") is None and M.train_dtype(cpu, "bf16") is torch.bfloat16
+    assert common.train_dtype(torch.device("cuda"), "auto") is torch.bfloat16 and common.train_dtype(cpu, "auto") is None
+    assert common.train_dtype(cpu, "float32") is None and common.train_dtype(cpu, "bf16") is torch.bfloat16
     for device, name in ((cpu, "float16"), (torch.device("mps"), "bfloat16")):
-        with pytest.raises(M.UserError):
-            M.train_dtype(device, name)
+        with pytest.raises(common.UserError):
+            common.train_dtype(device, name)
     lin, x = torch.nn.Linear(8, 8), torch.randn(2, 8)
-    with M.autocast(cpu, M.train_dtype(cpu, "auto")):      # auto on cpu: full precision
+    with common.autocast(cpu, common.train_dtype(cpu, "auto")):      # auto on cpu: full precision
         assert lin(x).dtype == torch.float32
-    with M.autocast(cpu, M.train_dtype(cpu, "bfloat16")):  # asked for: bf16 matmuls, fp32 weights
+    with common.autocast(cpu, common.train_dtype(cpu, "bfloat16")):  # asked for: bf16 matmuls, fp32 weights
         assert lin(x).dtype == torch.bfloat16 and lin.weight.dtype == torch.float32
-    M.sync(torch.device("cpu"))
-    M.mark_step(torch.device("cpu"))
+    common.sync(torch.device("cpu"))
+    common.mark_step(torch.device("cpu"))
 
 
 def test_load_in_bfloat16(tmp_path):
-    M.save_model(tiny_model(), tmp_path / "d")
-    m = M.load_model(tmp_path / "d", dtype="bfloat16")
+    checkpoint.save_model(tiny_model(), tmp_path / "d")
+    m = checkpoint.load_model(tmp_path / "d", dtype="bfloat16")
     assert m.embed_tokens.weight.dtype == torch.bfloat16
     with torch.no_grad():
         m.setup_cache(1, 8)
@@ -442,41 +444,41 @@ def test_load_in_bfloat16(tmp_path):
 # Bad input: one clear line
 
 def test_bad_inputs_raise_user_errors(tmp_path):
-    with pytest.raises(M.UserError, match="no such"):
-        M.load_model(tmp_path / "missing")
+    with pytest.raises(common.UserError, match="no such"):
+        checkpoint.load_model(tmp_path / "missing")
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text("hello")
-    with pytest.raises(M.UserError, match="config.json"):
-        M.load_model(tmp_path / "notes")
+    with pytest.raises(common.UserError, match="config.json"):
+        checkpoint.load_model(tmp_path / "notes")
     (tmp_path / "notes" / "config.json").write_text('{"foo": 1}')
-    with pytest.raises(M.UserError, match="neither"):
-        M.load_model(tmp_path / "notes")
+    with pytest.raises(common.UserError, match="neither"):
+        checkpoint.load_model(tmp_path / "notes")
     (tmp_path / "gpt2").mkdir()
     (tmp_path / "gpt2" / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
-    with pytest.raises(M.UserError, match="LlamaForCausalLM"):
-        M.load_model(tmp_path / "gpt2")
-    with pytest.raises(M.UserError, match="neither"):
-        M.load_model(tmp_path / "notes" / "a.txt")
+    with pytest.raises(common.UserError, match="LlamaForCausalLM"):
+        checkpoint.load_model(tmp_path / "gpt2")
+    with pytest.raises(common.UserError, match="neither"):
+        checkpoint.load_model(tmp_path / "notes" / "a.txt")
 
 
 def test_corrupt_files_raise_user_errors(tmp_path):
-    M.save_model(tiny_model(), tmp_path / "d")
+    checkpoint.save_model(tiny_model(), tmp_path / "d")
     st = tmp_path / "d" / "model.safetensors"
     data = st.read_bytes()
     st.write_bytes(data[: len(data) // 2])
-    with pytest.raises(M.UserError, match="model.safetensors"):
-        M.load_model(tmp_path / "d")
+    with pytest.raises(common.UserError, match="model.safetensors"):
+        checkpoint.load_model(tmp_path / "d")
     st.write_bytes(b"\x00" * 64)
-    with pytest.raises(M.UserError, match="model.safetensors"):
-        M.load_model(tmp_path / "d")
+    with pytest.raises(common.UserError, match="model.safetensors"):
+        checkpoint.load_model(tmp_path / "d")
 
     write_gguf(tmp_path / "ok.gguf", tiny_model(), types=[gguf.GGMLQuantizationType.F32])
     data = (tmp_path / "ok.gguf").read_bytes()
     for name, blob in (("cut.gguf", data[: len(data) // 2]), ("head.gguf", data[:40]),
                        ("junk.gguf", b"GGUF" + b"\xff" * 100)):
         (tmp_path / name).write_bytes(blob)
-        with pytest.raises(M.UserError, match=name):
-            M.load_model(tmp_path / name)
+        with pytest.raises(common.UserError, match=name):
+            checkpoint.load_model(tmp_path / name)
 
 
 def test_gguf_of_another_architecture_is_refused(tmp_path):
@@ -487,13 +489,13 @@ def test_gguf_of_another_architecture_is_refused(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(M.UserError, match="gpt2.*supported: llama"):
-        M.load_model(tmp_path / "gpt2.gguf")
+    with pytest.raises(common.UserError, match="gpt2.*supported: llama"):
+        checkpoint.load_model(tmp_path / "gpt2.gguf")
 
 
 def test_run_cli_turns_user_error_into_exit_2(capsys):
     def main():
-        raise M.UserError("bad flag")
+        raise common.UserError("bad flag")
     with pytest.raises(SystemExit) as e:
-        M.run_cli(main)
+        common.run_cli(main)
     assert e.value.code == 2 and capsys.readouterr().err.strip() == "error: bad flag"

@@ -12,6 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoint
+import common
 import model as M
 import pretrain as P
 
@@ -147,7 +149,7 @@ def test_sigterm_saves_the_last_completed_step(corpus, tmp_path):
     last = max(int(m) for m in re.findall(r"^step (\d+)/", text, flags=re.M))
     assert saved_step(out) == last >= 3
     assert "--resume" in text
-    M.load_model(str(out))   # a complete, loadable draft
+    checkpoint.load_model(str(out))   # a complete, loadable draft
 
 
 def test_sigkill_while_saving_keeps_the_previous_checkpoint(corpus, tmp_path):
@@ -171,7 +173,7 @@ def test_sigkill_while_saving_keeps_the_previous_checkpoint(corpus, tmp_path):
         proc.wait()
     assert saved_step(out) == 2
     assert P.load_checkpoint(str(out))["step"] == 2
-    M.load_model(str(out))
+    checkpoint.load_model(str(out))
 
 
 def test_torchrun_ranks_stay_in_step_and_match_one_process(corpus, tmp_path):
@@ -210,7 +212,7 @@ def test_init_from_loads_weights_with_fresh_optimizer_and_schedule(corpus, tmp_p
     # the draft loads in transformers with the same logits as ours
     from transformers import LlamaForCausalLM
     hf = LlamaForCausalLM.from_pretrained(str(tmp_path / "cp")).eval()
-    ours = M.load_model(str(tmp_path / "cp"))
+    ours = checkpoint.load_model(str(tmp_path / "cp"))
     x = torch.randint(0, ours.config.vocab_size, (2, 12))
     with torch.no_grad():
         assert torch.allclose(hf(x).logits.float(), ours(x), atol=1e-4)
@@ -219,8 +221,8 @@ def test_init_from_loads_weights_with_fresh_optimizer_and_schedule(corpus, tmp_p
 def test_init_from_with_another_vocabulary_is_refused(tmp_path):
     other = M.Transformer(M.ModelConfig(vocab_size=1000, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64,
                                         tokenizer="smollm2"))
-    M.save_model(other, str(tmp_path / "other"))
-    with pytest.raises(M.UserError, match="1000"):
+    checkpoint.save_model(other, str(tmp_path / "other"))
+    with pytest.raises(common.UserError, match="1000"):
         P.main(["--init-from", str(tmp_path / "other"), "--out", str(tmp_path / "x")])
 
 
@@ -233,7 +235,7 @@ def test_init_from_with_another_vocabulary_is_refused(tmp_path):
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "nope"], "cuda|device"),
 ])
 def test_bad_input_is_one_line_user_error(argv, message, tmp_path):
-    with pytest.raises(M.UserError, match=message):
+    with pytest.raises(common.UserError, match=message):
         P.main([*argv, "--out", str(tmp_path / "x")])
 
 
@@ -241,7 +243,7 @@ def test_corrupt_checkpoint_is_a_user_error(tmp_path):
     folder = tmp_path / "run"
     folder.mkdir()
     (folder / "train_state.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(M.UserError, match="corrupt"):
+    with pytest.raises(common.UserError, match="corrupt"):
         P.main(["--resume", str(folder)])
 
 
@@ -249,7 +251,7 @@ def test_out_of_memory_at_the_first_step_names_the_knobs(corpus, tmp_path, monke
     def oom(*a, **k):
         raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
     monkeypatch.setattr(P, "train_step", oom)
-    with pytest.raises(M.UserError, match="--batch-size"):
+    with pytest.raises(common.UserError, match="--batch-size"):
         P.main(flags(corpus, tmp_path / "out", 2))
 
 

@@ -9,6 +9,8 @@ import sys
 import pytest
 import torch
 
+import checkpoint
+import common
 import model as M
 import speculative as S
 
@@ -101,8 +103,8 @@ def tiny_pair():
 @pytest.fixture(scope="module")
 def smollm2():
     try:
-        return M.load_model("smollm2")
-    except M.UserError as e:
+        return checkpoint.load_model("smollm2")
+    except common.UserError as e:
         pytest.skip(str(e))
 
 
@@ -368,7 +370,7 @@ def test_metrics():
 def test_bad_input_is_a_clear_error(tiny_pair):
     target, draft = tiny_pair
     other_vocab = random_model(2, vocab_size=65)
-    with pytest.raises(M.UserError, match="exact vocabulary"):
+    with pytest.raises(common.UserError, match="exact vocabulary"):
         S.generate(target, other_vocab, [1, 2], 5)
 
     class FakeTok:
@@ -377,28 +379,28 @@ def test_bad_input_is_a_clear_error(tiny_pair):
 
         def fingerprint(self):
             return self.fp
-    with pytest.raises(M.UserError, match="different token strings"):
+    with pytest.raises(common.UserError, match="different token strings"):
         S.check_same_vocab(target, draft, FakeTok("a"), FakeTok("b"))
     S.check_same_vocab(target, draft, FakeTok("a"), FakeTok("a"))
 
     ctx = target.config.max_seq_len  # 256
-    with pytest.raises(M.UserError, match="context"):
+    with pytest.raises(common.UserError, match="context"):
         S.generate(target, draft, [1] * 200, ctx - 200 - 3, gamma=3)  # 200 + 53 + 3 + 1 > 256
     S.generate(target, draft, [1] * 200, ctx - 200 - 4, gamma=3, temperature=0)  # exactly fits
-    with pytest.raises(M.UserError, match="context"):
+    with pytest.raises(common.UserError, match="context"):
         S.autoregressive(target, [1] * 200, 57)
-    with pytest.raises(M.UserError, match="gamma"):
+    with pytest.raises(common.UserError, match="gamma"):
         S.generate(target, draft, [1, 2], 5, gamma=0)
-    with pytest.raises(M.UserError, match="temperature"):
+    with pytest.raises(common.UserError, match="temperature"):
         S.generate(target, draft, [1, 2], 5, temperature=-0.1)
-    with pytest.raises(M.UserError, match="temperature"):
+    with pytest.raises(common.UserError, match="temperature"):
         S.autoregressive(target, [1, 2], 5, temperature=-1)
     for top_p in (0.0, 1.5, -0.2):
-        with pytest.raises(M.UserError, match="top_p"):
+        with pytest.raises(common.UserError, match="top_p"):
             S.generate(target, draft, [1, 2], 5, top_p=top_p)
-    with pytest.raises(M.UserError, match="empty"):
+    with pytest.raises(common.UserError, match="empty"):
         S.generate(target, draft, [], 5)
-    with pytest.raises(M.UserError, match="empty"):
+    with pytest.raises(common.UserError, match="empty"):
         S.autoregressive(target, [], 5)
 
 
@@ -410,8 +412,8 @@ def run_cli(*args):
 
 def test_cli_bad_input_exits_2_with_one_line(tmp_path):
     # vocabulary mismatch between two saved models (small, so this loads fast)
-    M.save_model(random_model(0, vocab_size=64), str(tmp_path / "a"))
-    M.save_model(random_model(0, vocab_size=80), str(tmp_path / "b"))
+    checkpoint.save_model(random_model(0, vocab_size=64), str(tmp_path / "a"))
+    checkpoint.save_model(random_model(0, vocab_size=80), str(tmp_path / "b"))
     r = run_cli("--target", str(tmp_path / "a"), "--draft", str(tmp_path / "b"), "--device", "cpu")
     assert r.returncode == 2 and r.stderr.startswith("error: vocabulary mismatch"), r.stderr
     assert "exact vocabulary" in r.stderr and r.stderr.count("\n") == 1, r.stderr
@@ -422,5 +424,5 @@ def test_cli_checks_its_flags_before_loading_models(tmp_path, monkeypatch):
                         (["--temperature", "-1"], "temperature"), (["--gamma", "-2"], "gamma"),
                         (["--draft", str(tmp_path / "missing")], "no such model")):
         monkeypatch.setattr(sys, "argv", ["speculative.py", "--draft", "smollm2", *args])
-        with pytest.raises(M.UserError, match=words):
+        with pytest.raises(common.UserError, match=words):
             S.main()

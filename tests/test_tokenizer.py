@@ -8,7 +8,7 @@ import sysconfig
 import pytest
 
 import data
-from model import UserError
+from common import UserError
 
 
 
@@ -178,7 +178,7 @@ def test_tokenizer_json_byte_level_bpe(tmp_path):
     for text in mixed_text(30_000):
         assert tok.encode(text) == hf.encode(text).ids
         assert tok.decode(tok.encode(text)) == text
-    # a draft folder saved by model.save_model points at its target's tokenizer
+    # a draft folder saved by checkpoint.save_model points at its target's tokenizer
     (tmp_path / "draft").mkdir()
     (tmp_path / "draft" / "config.json").write_text(json.dumps(
         {"architectures": ["LlamaForCausalLM"], "fastdraft": {"tokenizer": str(tmp_path / "tok")}}))

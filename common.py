@@ -1,0 +1,146 @@
+"""
+What every script shares and none of them teaches: the user-error convention, the CLI runner, atomic file
+writes, and devices (picking one, its training dtype, autocast, syncing, Habana's mark_step).
+"""
+
+import importlib.util
+import json
+import os
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+class UserError(Exception):
+    """Bad input from the user (a path, a flag, a file): scripts print it as one line and exit 2."""
+
+
+def run_cli(main):
+    """Run a script's main(): a UserError becomes `error: <msg>` on stderr and exit code 2, Ctrl-C exit 130."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+
+def write_atomic(path, text):
+    """Write a text file all at once: a temporary sibling is renamed over `path`, so no reader sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    """Write one JSON object (indented, trailing newline) atomically; the one JSON writer of the project."""
+    write_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+# -----------------------------------------------------------------------------
+# Devices
+
+def pick_device(name="auto"):
+    """torch.device for auto|cpu|cuda|mps|hpu; a UserError when the asked-for one is absent."""
+    name = (name or "auto").lower()
+    if name == "auto":
+        if _hpu_available():
+            return torch.device("hpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: no CUDA GPU is available here")
+        return torch.device(name)
+    if name == "mps":
+        if not torch.backends.mps.is_available():
+            raise UserError("--device mps: Apple's Metal backend is not available here")
+        return torch.device("mps")
+    if name == "hpu":
+        try:
+            _import_habana()
+        except ImportError:
+            raise UserError("--device hpu needs Habana's PyTorch bridge (habana_frameworks), not installed here")
+        if not torch.hpu.is_available():
+            raise UserError("--device hpu: the Habana bridge is installed but no Gaudi device is available")
+        return torch.device("hpu")
+    raise UserError(f"unknown device {name!r} (choose auto, cpu, cuda, mps or hpu)")
+
+
+def _import_habana():
+    # Lazy mode (graphs built until mark_step) must be chosen before the bridge is imported.
+    os.environ.setdefault("PT_HPU_LAZY_MODE", "1")
+    import habana_frameworks.torch.core as htcore
+    return htcore
+
+
+def _hpu_available():
+    if importlib.util.find_spec("habana_frameworks") is None:
+        return False
+    try:
+        _import_habana()
+        return torch.hpu.is_available()
+    except Exception:
+        return False
+
+
+def train_dtype(device, name):
+    """The --dtype flag of a training script -> the autocast dtype of each step (None: full precision).
+
+    auto: bf16 on cuda/hpu, full precision on cpu/mps. bfloat16 turns autocast on for the cpu too (worth it where
+    the cpu has bf16 matrix units). float16 would need loss scaling, which our training loop does not do."""
+    device = torch.device(device)
+    dtype = parse_dtype(name)
+    if dtype is None:
+        return torch.bfloat16 if device.type in ("cuda", "hpu") else None
+    if dtype == torch.float16:
+        raise UserError("--dtype float16 needs loss scaling, which this training loop does not do: use bfloat16")
+    if dtype != torch.float32 and device.type == "mps":
+        raise UserError(f"--dtype {name}: no autocast on mps here; use float32")
+    return None if dtype == torch.float32 else dtype
+
+
+def autocast(device, dtype=None):
+    """Mixed precision for one training step, in train_dtype()'s dtype; None (or float32): full precision."""
+    if dtype in (None, torch.float32):
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def sync(device):
+    """Wait for queued kernels (for timing); a no-op on cpu."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+    elif device.type == "hpu":
+        mark_step(device)
+        torch.hpu.synchronize()
+
+
+def mark_step(device):
+    """In Habana's lazy mode, cut the accumulated graph and run it (after backward, after optimizer.step())."""
+    if torch.device(device).type == "hpu" and os.environ.get("PT_HPU_LAZY_MODE", "1") == "1":
+        _import_habana().mark_step()
+
+
+def parse_dtype(name):
+    """"auto" -> None (the checkpoint's own), else float32 | bfloat16 | float16 (short names accepted)."""
+    names = {"auto": None, None: None, "float32": torch.float32, "fp32": torch.float32,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in names:
+        raise UserError(f"unknown dtype {name!r} (choose auto, float32, bfloat16 or float16)")
+    return names[name]
