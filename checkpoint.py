@@ -5,9 +5,11 @@ Reading and writing model weights: our own folders and Hugging Face Llama / Mist
 """
 
 import importlib.util
+import hashlib
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -68,7 +70,36 @@ def load_model(spec, device="cpu", dtype=None):
             raise UserError(f"{path}: {name} has shape {tuple(state[name].shape)}, config says {tuple(p.shape)}")
     model.load_state_dict(state, assign=True)
     model.reset_rope()
+    if path.is_dir():
+        head_ids = read_head_vocab(path)
+        if head_ids is not None:
+            model.trim_head(head_ids)
     return model.eval()
+
+
+HEAD_VOCAB = "head_vocab.json"  # a trimmed head's token ids, beside config.json (like EAGLE-3's d2t map)
+
+
+def _ids_digest(ids):
+    return hashlib.sha256(json.dumps(list(ids)).encode()).hexdigest()[:16]
+
+
+def read_head_vocab(folder):
+    """The token ids of a trimmed draft head, checked against the size and digest its config.json records."""
+    try:
+        ours = json.loads((Path(folder) / "config.json").read_text()).get("fastdraft") or {}
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not ours.get("head_vocab"):
+        return None
+    path = Path(folder) / HEAD_VOCAB
+    try:
+        ids = json.loads(path.read_text())["ids"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: the draft's head subset is missing or corrupt ({type(e).__name__})")
+    if len(ids) != ours["head_vocab"] or _ids_digest(ids) != ours.get("head_vocab_digest"):
+        raise UserError(f"{path} does not match its config.json (another draft's subset?)")
+    return ids
 
 
 _FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -113,6 +144,11 @@ def hf_state_dict(model):
             base = key[: -len("gate_up_proj.weight")]
             gate, up = t.chunk(2)
             out[base + "gate_proj.weight"], out[base + "up_proj.weight"] = gate.contiguous(), up.contiguous()
+        elif name == "lm_head.weight" and model.head_ids is not None:
+            # a trimmed untied head is stored with all V rows (zeros outside the subset) so transformers loads it
+            full = t.new_zeros(c.vocab_size, t.size(1))
+            full[model.head_ids.cpu()] = t
+            out[key] = full
         else:
             out[key] = t.contiguous()
     return out
@@ -283,6 +319,48 @@ def _read_gguf(path):
     return config, _gguf_tensors(path, tensors, config), torch.float32
 
 
+def gguf_metadata(path, keys):
+    """{key: value} for those of `keys` in a GGUF file's metadata (e.g. its tokenizer), tensors not touched.
+
+    Walks the key/value section with the gguf package's value types; GGUFReader itself builds a numpy view per
+    string, which takes seconds for a 49k-token vocabulary where this takes a few hundredths of one."""
+    import mmap
+    import struct
+    import gguf
+    import numpy as np
+    T, keys, out = gguf.GGUFValueType, set(keys), {}
+    scalar = {t: np.dtype(d).newbyteorder("<") for t, d in gguf.GGUFReader.gguf_scalar_to_np.items()}
+
+    def read(buf, vt, off):  # -> (value of type vt at off, offset after it)
+        if vt == T.STRING:
+            (n,) = struct.unpack_from("<Q", buf, off)
+            return bytes(buf[off + 8:off + 8 + n]).decode("utf-8", errors="replace"), off + 8 + n
+        if vt == T.ARRAY:
+            et, count = struct.unpack_from("<IQ", buf, off)
+            if et in scalar:  # a numeric array in one go
+                return np.frombuffer(buf, scalar[et], count, off + 12).tolist(), off + 12 + count * scalar[et].itemsize
+            items, off = [], off + 12
+            for _ in range(count):
+                v, off = read(buf, et, off)
+                items.append(v)
+            return items, off
+        return np.frombuffer(buf, scalar[vt], 1, off).item(), off + scalar[vt].itemsize
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            magic, version, _, n_kv = struct.unpack_from("<IIQQ", buf, 0)
+            if magic != gguf.GGUF_MAGIC or version not in (2, 3):
+                raise ValueError("bad magic or unsupported version")
+            off = 24  # magic, version, tensor count, key/value count
+            for _ in range(n_kv):
+                key, off = read(buf, T.STRING, off)
+                value, off = read(buf, struct.unpack_from("<I", buf, off)[0], off + 4)
+                if key in keys:
+                    out[key] = value
+    except (OSError, ValueError, KeyError, struct.error) as e:
+        raise UserError(f"{path} is not a readable GGUF file: {e}")
+    return out
+
+
 def _llama3_scaling_from_rope_freqs(path, t, theta, head_dim):
     """llama.cpp stores Llama-3.1's scaling as per-frequency divisors; recover the HF parameters from them."""
     import gguf
@@ -352,8 +430,10 @@ def _gguf_tensors(path, tensors, config):
 # Saving
 
 def save_model(model, folder, extra=None):
-    """Write config.json (HF LlamaForCausalLM layout + a "fastdraft" entry with the tokenizer spec and `extra`)
-    and model.safetensors (HF names), atomically: a complete folder.tmp-<pid> replaces the old folder."""
+    """Write config.json (HF LlamaForCausalLM layout + a "fastdraft" entry with the tokenizer spec and `extra`),
+    model.safetensors (HF names) and, for a trimmed head, head_vocab.json, atomically: a complete
+    folder.tmp-<pid> replaces the old folder. transformers ignores the subset: it loads the draft with a full head
+    (a tied head keeps its trained rows for every token; an untied one has zero rows outside the subset)."""
     from safetensors.torch import save_file
     c = model.config
     folder = Path(folder)
@@ -378,6 +458,10 @@ def save_model(model, folder, extra=None):
         "torch_dtype": dtype_name,
         "fastdraft": {"tokenizer": c.tokenizer, "eos_ids": list(c.eos_ids), **(extra or {})},
     }
+    if model.head_ids is not None:
+        ids = model.head_ids.tolist()
+        hf["fastdraft"].update(head_vocab=len(ids), head_vocab_digest=_ids_digest(ids))
+        (tmp / HEAD_VOCAB).write_text(json.dumps({"ids": ids}) + "\n")
     (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     save_file(hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
     if folder.exists():  # only now that the new one is complete
@@ -387,3 +471,28 @@ def save_model(model, folder, extra=None):
         shutil.rmtree(old)
     else:
         os.replace(tmp, folder)
+
+
+def load_hf(spec, dtype):
+    """A spec (HF folder, our saved draft folder, .gguf, smollm2) as a transformers model running HF's own code:
+    the peer bench.py --peer hf compares with. A trimmed draft loads with its full head there (save_model)."""
+    try:
+        import transformers
+    except ImportError:
+        raise UserError("--peer hf needs transformers: pip install transformers")
+    transformers.logging.set_verbosity_error()  # keep stdout/stderr to our report: no loading bars or notices
+    transformers.logging.disable_progress_bar()
+    path = resolve_spec(spec)
+    if path.endswith(".gguf") and importlib.util.find_spec("accelerate") is not None:
+        # transformers dequantizes GGUF itself (it needs accelerate for that); offline, from the file's folder
+        m = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path) or ".",
+                                                              gguf_file=os.path.basename(path), dtype=dtype)
+    elif path.endswith(".gguf"):
+        # without accelerate: our loader dequantizes the same file, save_model writes it in the HF Llama layout,
+        # and transformers runs it with its own code; the weights are the same numbers either way
+        with tempfile.TemporaryDirectory() as tmp:
+            save_model(load_model(path, dtype=dtype), os.path.join(tmp, "hf"))
+            m = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(tmp, "hf"), dtype=dtype)
+    else:  # HF folders, and ours: they are written in the LlamaForCausalLM layout on purpose
+        m = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return m.eval()

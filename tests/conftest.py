@@ -60,9 +60,8 @@ def smollm2():
 @pytest.fixture(scope="session")
 def smollm2_tok():
     """The target's tokenizer, read from the same GGUF file."""
-    import data  # the layout change moves tokenizers to tokenizer.py; this import follows it
-    load = getattr(sys.modules.get("tokenizer"), "load_tokenizer", None) or data.load_tokenizer
+    import tokenizer
     try:
-        return load("smollm2")
+        return tokenizer.load_tokenizer("smollm2")
     except common.UserError as e:
         pytest.skip(str(e))

@@ -15,11 +15,6 @@ from common import UserError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return data.load_tokenizer("smollm2")
-
-
 def write_corpus(folder, n_files=120, seed=0):
     """n_files small text files, each a distinct document."""
     rng = random.Random(seed)
@@ -42,13 +37,13 @@ def rows_to_stream(batches):
     return np.concatenate([rows[0]] + [r[1:] for r in rows[1:]])
 
 
-def test_packing_loses_no_token(tmp_path, tok):
+def test_packing_loses_no_token(tmp_path, smollm2_tok):
     spec = write_corpus(tmp_path / "c")
     expected = []
     for doc in data.read_documents(spec):  # epoch 0, in the order the iterator reads it
-        expected += tok.encode(doc) + [tok.doc_sep_id]
+        expected += smollm2_tok.encode(doc) + [smollm2_tok.doc_sep_id]
     T = 16
-    it = data.iterate_batches(spec, tok, T, 1, shuffle=False, shuffle_rows=8)
+    it = data.iterate_batches(spec, smollm2_tok, T, 1, shuffle=False, shuffle_rows=8)
     n_rows = (len(expected) - 1) // T
     stream = rows_to_stream([next(it) for _ in range(n_rows)])
     assert len(stream) == n_rows * T + 1
@@ -57,19 +52,19 @@ def test_packing_loses_no_token(tmp_path, tok):
     assert x.dtype == y.dtype and str(x.dtype) == "torch.int64" and x.shape == (1, T)
 
 
-def test_rows_are_shifted_targets_and_shuffled(tmp_path, tok):
+def test_rows_are_shifted_targets_and_shuffled(tmp_path, smollm2_tok):
     spec = write_corpus(tmp_path / "c")
-    plain = [next(data.iterate_batches(spec, tok, 8, 4, shuffle=False, shuffle_rows=64)) for _ in range(1)][0]
-    x, y = next(data.iterate_batches(spec, tok, 8, 4, shuffle_rows=64))
+    plain, _ = next(data.iterate_batches(spec, smollm2_tok, 8, 4, shuffle=False, shuffle_rows=64))
+    x, y = next(data.iterate_batches(spec, smollm2_tok, 8, 4, shuffle_rows=64))
     assert (x[:, 1:] == y[:, :-1]).all()
-    assert not (x == plain[0]).all()
+    assert not (x == plain).all()
 
 
-def test_large_vocab_uses_uint32(tmp_path, tok):
-    big = copy.copy(tok)
+def test_large_vocab_uses_uint32(tmp_path, smollm2_tok):
+    big = copy.copy(smollm2_tok)
     big.vocab_size = 128256
     it = data.iterate_batches(write_corpus(tmp_path / "c", 10), big, 8, 2)
-    assert it.dtype == np.uint32 and data.iterate_batches(str(tmp_path / "c"), tok, 8, 2).dtype == np.uint16
+    assert it.dtype == np.uint32 and data.iterate_batches(str(tmp_path / "c"), smollm2_tok, 8, 2).dtype == np.uint16
     next(it)
 
 
@@ -87,15 +82,15 @@ def test_mixture_proportions_match_weights(tmp_path):
     assert data.parse_mixture(f"{a}=2,{b}=6") == [(a, 0.25), (b, 0.75)]
 
 
-def test_two_ranks_are_disjoint_and_cover_the_stream(tmp_path, tok):
+def test_two_ranks_are_disjoint_and_cover_the_stream(tmp_path, smollm2_tok):
     spec = write_corpus(tmp_path / "c")
     whole = list(data.read_documents(spec))
     r0 = list(data.read_documents(spec, rank=0, world_size=2))
     r1 = list(data.read_documents(spec, rank=1, world_size=2))
     assert not set(r0) & set(r1) and sorted(r0 + r1) == sorted(whole) and r0 and r1
-    x0, _ = next(data.iterate_batches(spec, tok, 32, 2, rank=0, world_size=2, shuffle=False))
-    x1, _ = next(data.iterate_batches(spec, tok, 32, 2, rank=1, world_size=2, shuffle=False))
-    assert tok.decode(x0[0].tolist()) != tok.decode(x1[0].tolist())
+    x0, _ = next(data.iterate_batches(spec, smollm2_tok, 32, 2, rank=0, world_size=2, shuffle=False))
+    x1, _ = next(data.iterate_batches(spec, smollm2_tok, 32, 2, rank=1, world_size=2, shuffle=False))
+    assert smollm2_tok.decode(x0[0].tolist()) != smollm2_tok.decode(x1[0].tolist())
 
 
 def test_hub_style_stream_shards_by_node(tmp_path):
@@ -111,11 +106,11 @@ def test_hub_style_stream_shards_by_node(tmp_path):
 
 
 @pytest.mark.parametrize("mixture", [False, True])
-def test_resume_is_exact(tmp_path, tok, mixture):
+def test_resume_is_exact(tmp_path, smollm2_tok, mixture):
     spec = write_corpus(tmp_path / "c")
     if mixture:
         spec = f"{spec}=0.6,{write_jsonl(tmp_path / 'j.jsonl', 'json doc', 500)}=0.4"
-    make = lambda: data.iterate_batches(spec, tok, 16, 3, seed=5, shuffle_rows=20)  # noqa: E731
+    make = lambda: data.iterate_batches(spec, smollm2_tok, 16, 3, seed=5, shuffle_rows=20)  # noqa: E731
     it = make()
     for _ in range(23):  # crosses several shuffle blocks and an epoch boundary of the jsonl
         next(it)
@@ -125,26 +120,26 @@ def test_resume_is_exact(tmp_path, tok, mixture):
     again.load_state_dict(state)
     for (x, y), (x2, y2) in zip(more, [next(again) for _ in range(31)]):
         assert (x == x2).all() and (y == y2).all()
-    other = data.iterate_batches(spec, tok, 32, 3, seed=5)
+    other = data.iterate_batches(spec, smollm2_tok, 32, 3, seed=5)
     with pytest.raises(UserError, match="seq_len"):
         other.load_state_dict(state)
 
 
-def test_train_and_val_never_share_a_document(tmp_path, tok):
+def test_train_and_val_never_share_a_document(tmp_path, smollm2_tok):
     spec = write_corpus(tmp_path / "c", n_files=300)
     train, val = list(data.read_documents(spec)), list(data.read_documents(spec, split="val"))
     assert val and not set(train) & set(val) and len(train) + len(val) == 300
     assert data.heldout_documents(spec, 3, min_chars=10) == [d for d in val if len(d) >= 10][:3]
-    batches = data.validation_batches(spec, tok, 16, 2, 3)
+    batches = data.validation_batches(spec, smollm2_tok, 16, 2, 3)
     assert len(batches) == 3 and all(x.shape == (2, 16) for x, _ in batches)
-    text = tok.decode(batches[0][0][0].tolist())
+    text = smollm2_tok.decode(batches[0][0][0].tolist())
     assert any(text[:20] in d for d in val)
     # three files only: one of them is still held out
     small = write_corpus(tmp_path / "small", n_files=3)
     assert len(list(data.read_documents(small, split="val"))) == 1
 
 
-def test_bad_inputs_give_clear_errors(tmp_path, tok, monkeypatch):
+def test_bad_inputs_give_clear_errors(tmp_path, smollm2_tok, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     good = write_corpus(tmp_path / "c", 5)
     (tmp_path / "empty.txt").write_text("")
@@ -163,10 +158,10 @@ def test_bad_inputs_give_clear_errors(tmp_path, tok, monkeypatch):
     ]
     for spec, message in cases:
         with pytest.raises(UserError, match=message):
-            next(data.iterate_batches(spec, tok, 16, 2))
+            next(data.iterate_batches(spec, smollm2_tok, 16, 2))
     for seq_len in (0, -3):
         with pytest.raises(UserError, match="seq_len"):
-            data.iterate_batches(good, tok, seq_len, 2)
+            data.iterate_batches(good, smollm2_tok, seq_len, 2)
 
 
 def test_command_line_stats_and_errors(tmp_path):

@@ -1,5 +1,5 @@
 """distill.py: batched generation is exact, the data set is sharded and resumable, the losses are right,
-training lowers the loss, bad input is one clear line. Tiny random models; offline; CPU."""
+training lowers the loss and resumes exactly, bad input is one clear line. Tiny random models; offline; CPU."""
 import json
 import os
 import subprocess
@@ -9,33 +9,26 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import data
-import distill
 import checkpoint
 import common
-import model
-from pretrain import IGNORE
+import data
+import distill
+import synthetic
+from conftest import ROOT, tiny_model
+from train import IGNORE
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V = 49152   # the smollm2 tokenizer's vocabulary: tiny models that pass the vocabulary checks
+SMALL = dict(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=32, max_seq_len=256, tokenizer="smollm2",
+             bos_id=1, eos_id=2)
 
 
 def tiny(vocab=V, seed=0, **kw):
-    torch.manual_seed(seed)
-    cfg = dict(vocab_size=vocab, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=32, max_seq_len=256,
-               tokenizer="smollm2", bos_id=1, eos_id=2)
-    cfg.update(kw)
-    return model.Transformer(model.ModelConfig(**cfg)).eval()
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return data.load_tokenizer("smollm2")
+    return tiny_model(seed, vocab_size=vocab, **{**SMALL, **kw})
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    """A tiny target and a tiny draft (other weights) saved as model folders, plus a prompt file."""
+    """A tiny target and a tiny draft (other weights) saved as model folders."""
     root = tmp_path_factory.mktemp("distill")
     checkpoint.save_model(tiny(seed=0), str(root / "target"))
     checkpoint.save_model(tiny(seed=1), str(root / "draft"))
@@ -45,42 +38,57 @@ def folders(tmp_path_factory):
 # -----------------------------------------------------------------------------
 # generation
 
-def test_batched_generation_equals_one_row_at_a_time(monkeypatch):
-    # untied head, seed 1: a random model whose greedy tokens depend on the context (a tied one repeats a token)
-    m = tiny(vocab=97, seed=1, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, tie_embeddings=False)
+@pytest.mark.parametrize("static", [False, True])
+def test_batched_generation_equals_one_row_at_a_time(static, monkeypatch):
+    # untied head, big weights: a random model whose greedy tokens depend on the context
+    m = tiny(vocab=97, seed=1, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, tie_embeddings=False,
+             weight_std=0.3)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (1, 7, 3, 12, 5)]
     alone = [distill.generate_batch(m, [p], 10, temperature=0)[0][0] for p in prompts]
-    batched, stopped = distill.generate_batch(m, prompts, 10, temperature=0)
+    batched, stopped = distill.generate_batch(m, prompts, 10, temperature=0, static=static)
     assert batched == alone and not any(stopped) and all(len(set(a)) > 3 for a in alone)
     # per-row stop: a token that row 1 emits third ends row 1 there and changes no other row's tokens
     # (finished rows leave the batch: the cache keeps only the live rows, and the others must not notice)
     stop = alone[1][2]
     cut = [a[:a.index(stop) + 1] if stop in a else a for a in alone]
-    kept, keep_rows = [], m.keep_cache_rows
+    kept, keep_rows, caches = [], m.keep_cache_rows, []
     monkeypatch.setattr(m, "keep_cache_rows", lambda rows, length: (kept.append(list(rows)), keep_rows(rows, length)))
-    batched, stopped = distill.generate_batch(m, prompts, 10, temperature=0, stop_ids={stop})
+    monkeypatch.setattr(m, "setup_cache", lambda B, S, f=m.setup_cache: (caches.append(S), f(B, S)))
+    batched, stopped = distill.generate_batch(m, prompts, 10, temperature=0, stop_ids={stop}, static=static)
     monkeypatch.undo()
     assert batched == cut and stopped[1] and len(batched[1]) <= 3
     assert kept and all(len(rows) < len(prompts) for rows in kept)
+    if static:   # static shapes: a prompt bucket and power-of-two batches only
+        assert caches == [distill.PROMPT_BUCKET + 10] and all(len(rows) in (1, 2, 4) for rows in kept)
     assert [distill.generate_batch(m, [p], 10, temperature=0, stop_ids={stop})[0][0] for p in prompts] == cut
 
 
-def test_user_turn_prefix_is_the_chat_templates(tok):
-    prefix = distill.user_turn_prefix(tok)
-    assert tok.decode(prefix).endswith("<|im_start|>user\n")
-    assert tok.chat([{"role": "user", "content": "hello"}])[:len(prefix)] == prefix
+def test_text_prompts_are_openings_of_training_passages(smollm2_tok):
+    prompts, _ = synthetic.read_prompt_sources("text:builtin:prose:6", smollm2_tok)
+    assert len(prompts) == 6 and {p["kind"] for p in prompts} == {"text"}
+    heldout = list(data.read_documents("builtin:prose", split="val"))
+    for p in prompts:
+        ids = synthetic.encode_prompt(smollm2_tok, p)
+        assert ids == smollm2_tok.encode(p["text"]) and len(ids) <= synthetic.TEXT_TOKENS[1]   # raw text, no template
+        assert p["text"][0].isalpha() and not any(p["text"] in d for d in heldout)
+
+
+def test_user_turn_prefix_is_the_chat_templates(smollm2_tok):
+    prefix = distill.user_turn_prefix(smollm2_tok)
+    assert smollm2_tok.decode(prefix).endswith("<|im_start|>user\n")
+    assert smollm2_tok.chat([{"role": "user", "content": "hello"}])[:len(prefix)] == prefix
 
 
 def test_code_prompts_are_def_lines_with_docstrings():
-    prompts = distill.code_prompts("code:builtin:code:5", 0)
+    prompts = synthetic.code_prompts("code:builtin:code:5", 0)
     assert len(prompts) == 5
     for p in prompts:
         assert p.lstrip().startswith(("def ", "async def ")) and ('"""' in p or "'''" in p) and p.endswith("\n")
 
 
 def write_prompts(path):
-    humaneval_prompt = next(iter(p for p in distill.evaluation_prompts() if p.startswith("from typing")))
+    humaneval_prompt = next(iter(p for p in synthetic.evaluation_prompts() if p.startswith("from typing")))
     rows = [{"instruction": f"Tell me fact number {i} about {w}."} for i, w in enumerate(["cats", "dogs", "rain",
                                                                                          "tea", "sand", "ice",
                                                                                          "owls"])]
@@ -100,41 +108,41 @@ def shard_rows(out):
     return rows
 
 
-def test_generation_is_sharded_and_resumable(folders, tok, tmp_path):
+def test_generation_is_sharded_and_resumable(folders, smollm2_tok, tmp_path):
     target = checkpoint.load_model(str(folders / "target"))
     n_prompts = write_prompts(tmp_path / "p.jsonl")
     kw = dict(prompts=str(tmp_path / "p.jsonl"), out=str(tmp_path / "gen"), target_spec="t", temperatures=(0, 1),
               batch_size=3, max_new_tokens=3, max_prompt_tokens=128, log=lambda *a: None)
-    m0 = distill.generate_dataset(target, tok, rank=0, world_size=2, **kw)
+    m0 = distill.generate_dataset(target, smollm2_tok, rank=0, world_size=2, **kw)
     assert m0["counts"]["dropped_eval"] == 2   # the benchmark's instruction and HumanEval's prompt never get in
-    distill.generate_dataset(target, tok, rank=1, world_size=2, **kw)
+    distill.generate_dataset(target, smollm2_tok, rank=1, world_size=2, **kw)
     rows = shard_rows(tmp_path / "gen")
     by_rank = [{r["unit"] for name, rs in rows.items() if name.startswith(f"shard-r{k}-") for r in rs} for k in (0, 1)]
     assert by_rank[0] and by_rank[1] and not by_rank[0] & by_rank[1]       # disjoint shares, both non-empty
     got = sorted((r["prompt"], r["temperature"]) for rs in rows.values() for r in rs)
     assert len(got) == len(set(got)) == 2 * n_prompts                      # every prompt at every temperature
     r = rows[sorted(rows)[0]][0]
-    assert r["prompt_ids"] == tok.chat([{"role": "user", "content": r["prompt"]}])
-    assert tok.decode([i for i in r["completion_ids"] if i not in tok.stop_ids]) == r["completion"]
+    assert r["prompt_ids"] == smollm2_tok.chat([{"role": "user", "content": r["prompt"]}])
+    assert smollm2_tok.decode([i for i in r["completion_ids"] if i not in smollm2_tok.stop_ids]) == r["completion"]
 
     mtimes = {n: os.path.getmtime(tmp_path / "gen" / n) for n in rows}
     for rank in (0, 1):
-        m = distill.generate_dataset(target, tok, rank=rank, world_size=2, **kw)
+        m = distill.generate_dataset(target, smollm2_tok, rank=rank, world_size=2, **kw)
     assert shard_rows(tmp_path / "gen") == rows                            # a rerun adds nothing
     assert {n: os.path.getmtime(tmp_path / "gen" / n) for n in rows} == mtimes
     assert m["counts"]["examples"] == 2 * n_prompts and m["counts"]["units_done"] == m["counts"]["units_total"]
     with pytest.raises(common.UserError, match="other settings"):
-        distill.generate_dataset(target, tok, **{**kw, "max_new_tokens": 4})
+        distill.generate_dataset(target, smollm2_tok, **{**kw, "max_new_tokens": 4})
 
 
 # -----------------------------------------------------------------------------
 # the losses
 
 def test_loss_mask_is_completion_only():
-    x, y = distill.completion_row([10, 11, 12], [20, 21], seq_len=64)
+    x, y = synthetic.completion_row([10, 11, 12], [20, 21], seq_len=64)
     assert x == [10, 11, 12, 20] and y == [IGNORE, IGNORE, 20, 21]
-    rows = [distill.completion_row([5, 6, 7, 8], [9, 3], 64), distill.completion_row([4], [7, 8, 9], 64)]
-    xb, yb = distill.pad_rows(rows)
+    rows = [synthetic.completion_row([5, 6, 7, 8], [9, 3], 64), synthetic.completion_row([4], [7, 8, 9], 64)]
+    xb, yb = synthetic.pad_rows(rows)
     assert (yb != IGNORE).sum().item() == 5                                # 2 + 3 completion tokens, nothing else
     m = tiny(vocab=97)
     logits = m(xb)
@@ -144,18 +152,18 @@ def test_loss_mask_is_completion_only():
 
 
 def test_batches_resume_exactly_and_split_across_ranks():
-    rows = [distill.completion_row([1, 2], [3 + i, 4], 16) for i in range(10)]
-    a = distill.CompletionBatches(rows, 3, seed=1)
+    rows = [synthetic.completion_row([1, 2], [3 + i, 4], 16) for i in range(10)]
+    a = synthetic.CompletionBatches(rows, 3, seed=1)
     seen = [next(a) for _ in range(5)]                                     # crosses an epoch boundary
-    b = distill.CompletionBatches(rows, 3, seed=1)
+    b = synthetic.CompletionBatches(rows, 3, seed=1)
     for _ in range(2):
         next(b)
-    c = distill.CompletionBatches(rows, 3, seed=1)
+    c = synthetic.CompletionBatches(rows, 3, seed=1)
     c.load_state_dict(json.loads(json.dumps(b.state_dict())))
     for want in seen[2:]:
         got = next(c)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    r0, r1 = (distill.CompletionBatches(rows, 3, seed=1, rank=r, world_size=2) for r in (0, 1))
+    r0, r1 = (synthetic.CompletionBatches(rows, 3, seed=1, rank=r, world_size=2) for r in (0, 1))
     x0, x1 = next(r0)[0], next(r1)[0]
     assert {tuple(r) for r in x0.tolist()}.isdisjoint({tuple(r) for r in x1.tolist()})
 
@@ -172,21 +180,35 @@ def test_token_level_losses_vanish_when_distributions_agree(loss, top_k, kd_temp
         kth = target_logits.topk(top_k, dim=-1).values[:, -1:]
         same = target_logits.masked_fill(target_logits < kth, float("-inf"))
     total, parts = distill.distill_loss(same, y, target_logits, loss, kd_temperature, top_k)
+    parts = {k: v.item() for k, v in parts.items()}
     assert abs(parts["kd"]) < 1e-5
     ce = F.cross_entropy(same, y).item()
     assert total.item() == pytest.approx(ce if loss.startswith("ce+") else 0.0, abs=1e-5)
     other = target_logits + torch.randn(6, 50, generator=g)
     total, parts = distill.distill_loss(other, y, target_logits, loss, kd_temperature, top_k)
+    parts = {k: v.item() for k, v in parts.items()}
     assert parts["kd"] > 1e-3
     assert total.item() == pytest.approx(parts["kd"] + (parts["ce"] if loss.startswith("ce+") else 0), rel=1e-5)
 
 
 def test_token_level_loss_against_itself_is_zero_through_the_model():
     m = tiny(vocab=97)
-    xb, yb = distill.pad_rows([distill.completion_row([5, 6, 7], [9, 3, 4], 64)])
+    xb, yb = synthetic.pad_rows([synthetic.completion_row([5, 6, 7], [9, 3, 4], 64)])
     assert distill.make_loss_fn(m, "kl")(m, xb, yb).item() == pytest.approx(0, abs=1e-6)
     assert distill.make_loss_fn(m, "tvd")(m, xb, yb).item() == pytest.approx(0, abs=1e-6)
     assert distill.make_loss_fn(tiny(vocab=97, seed=3), "kl")(m, xb, yb).item() > 0
+
+
+def test_kd_of_a_trimmed_copy_of_the_target_is_zero_on_its_subset():
+    m = tiny(vocab=97)
+    trimmed = tiny(vocab=97).trim_head(list(range(40, 80)))
+    xb, yb = synthetic.pad_rows([synthetic.completion_row([5, 6, 7], [50, 3, 60, 70], 64)])
+    for loss in ("kl", "tvd"):   # the target restricted to the 40 ids and renormalised is exactly the copy's q
+        assert distill.make_loss_fn(m, loss)(trimmed, xb, yb).item() == pytest.approx(0, abs=1e-6)
+    # ce+kl: the cross-entropy part scores the targets inside the subset only (50, 60, 70; not 3)
+    logp = torch.log_softmax(m(xb)[0, 2:, 40:80], dim=-1)                               # predicts 50, 3, 60, 70
+    want = -(logp[0, 10] + logp[2, 20] + logp[3, 30]) / 3
+    assert distill.make_loss_fn(m, "ce+kl")(trimmed, xb, yb).item() == pytest.approx(want.item(), abs=1e-5)
 
 
 # -----------------------------------------------------------------------------
@@ -203,18 +225,18 @@ def write_synthetic(folder, tok, n=24):
                                 "completion_ids": answer, "temperature": 0}) + "\n")
 
 
-def test_several_data_folders_are_one_set_without_repeats(tok, tmp_path):
-    write_synthetic(tmp_path / "a", tok, n=24)   # questions 0..23
-    write_synthetic(tmp_path / "b", tok, n=30)   # questions 0..29: 24 repeats of a, 6 new
-    assert len(distill.read_synthetic(str(tmp_path / "a"))) == 24
-    both = distill.read_synthetic(f"{tmp_path / 'a'},{tmp_path / 'b'}")
+def test_several_data_folders_are_one_set_without_repeats(smollm2_tok, tmp_path):
+    write_synthetic(tmp_path / "a", smollm2_tok, n=24)   # questions 0..23
+    write_synthetic(tmp_path / "b", smollm2_tok, n=30)   # questions 0..29: 24 repeats of a, 6 new
+    assert len(synthetic.read_synthetic(str(tmp_path / "a"))) == 24
+    both = synthetic.read_synthetic(f"{tmp_path / 'a'},{tmp_path / 'b'}")
     assert len(both) == len(set(map(str, both))) == 30
     with pytest.raises(common.UserError, match="not found: .*missing"):
-        distill.read_synthetic(f"{tmp_path / 'a'},{tmp_path / 'missing'}")
+        synthetic.read_synthetic(f"{tmp_path / 'a'},{tmp_path / 'missing'}")
 
 
-def test_train_reduces_the_loss(folders, tok, tmp_path):
-    write_synthetic(tmp_path / "syn", tok)
+def test_train_reduces_the_loss(folders, smollm2_tok, tmp_path):
+    write_synthetic(tmp_path / "syn", smollm2_tok)
     out = tmp_path / "ft"
     distill.main(["train", "--draft", str(folders / "draft"), "--target", str(folders / "target"),
                   "--data", str(tmp_path / "syn"), "--out", str(out), "--max-steps", "8", "--lr", "3e-2",
@@ -226,31 +248,76 @@ def test_train_reduces_the_loss(folders, tok, tmp_path):
     assert checkpoint.load_model(str(out)).config.vocab_size == V
 
 
-def test_bad_inputs_are_one_clear_line(folders, tok, tmp_path):
-    write_synthetic(tmp_path / "syn", tok, n=4)
-    base = ["train", "--draft", str(folders / "draft"), "--target", str(folders / "target"), "--out",
-            str(tmp_path / "o"), "--data"]
-    with pytest.raises(common.UserError, match="unknown loss"):
-        distill.main(base + [str(tmp_path / "syn"), "--loss", "mse"])
-    checkpoint.save_model(tiny(vocab=1000), str(tmp_path / "small"))
-    with pytest.raises(common.UserError, match="vocabulary mismatch"):
-        distill.main(["train", "--draft", str(tmp_path / "small"), "--target", str(folders / "target"),
-                      "--data", str(tmp_path / "syn"), "--out", str(tmp_path / "o")])
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(common.UserError, match="no shards"):
-        distill.main(base + [str(tmp_path / "empty")])
-    bad = tmp_path / "syn" / "shard-r0-p00001-t1.jsonl"
-    bad.write_text('{"prompt_ids": [1], "completion_ids": [2]}\n{"prompt_ids": [1], "completion_i\n')
-    with pytest.raises(common.UserError, match=r"shard-r0-p00001-t1\.jsonl:2: corrupt"):
-        distill.main(base + [str(tmp_path / "syn")])
+def test_trim_then_train_keeps_the_targets_most_frequent_tokens(folders, smollm2_tok, tmp_path):
+    write_synthetic(tmp_path / "syn", smollm2_tok)
+    answer = set(smollm2_tok.encode("The answer is always forty two.") + [2])
+    k = 17 + len(answer)   # SmolLM2's 17 special and stop tokens, then every token of the answer
+    distill.main(["trim", "--draft", str(folders / "draft"), "--head-vocab", str(k), "--data", str(tmp_path / "syn"),
+                  "--out", str(tmp_path / "trimmed")])
+    head = checkpoint.load_model(str(tmp_path / "trimmed")).head_ids.tolist()
+    assert len(head) == k and answer <= set(head) and set(range(17)) <= set(head)
+    with pytest.raises(common.UserError, match="trimmed already"):
+        distill.main(["trim", "--draft", str(tmp_path / "trimmed"), "--head-vocab", str(k), "--data",
+                      str(tmp_path / "syn"), "--out", str(tmp_path / "again")])
+    distill.main(["train", "--draft", str(tmp_path / "trimmed"), "--target", str(folders / "target"), "--data",
+                  str(tmp_path / "syn"), "--out", str(tmp_path / "ft"), "--max-steps", "6", "--lr", "3e-2",
+                  "--batch-size", "4", "--val-fraction", "0.25", "--eval-every", "0", "--loss", "ce+tvd",
+                  "--json", str(tmp_path / "r.json")])
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["head_vocab"] == k and r["losses"][-1] < r["losses"][0] - 0.5
+    assert checkpoint.load_model(str(tmp_path / "ft")).head_ids.tolist() == head
+    with pytest.raises(common.UserError, match="needs 17 <= k"):
+        distill.main(["train", "--draft", str(folders / "draft"), "--data", str(tmp_path / "syn"), "--target",
+                      str(folders / "target"), "--head-vocab", "3", "--out", str(tmp_path / "bad")])
 
+
+def test_train_resumes_exactly(folders, smollm2_tok, tmp_path):
+    write_synthetic(tmp_path / "syn", smollm2_tok)
+    argv = ["train", "--draft", str(folders / "draft"), "--target", str(folders / "target"), "--data",
+            str(tmp_path / "syn"), "--max-steps", "6", "--lr", "3e-2", "--batch-size", "4", "--val-fraction", "0.25",
+            "--eval-every", "0", "--log-every", "1"]
+    distill.main([*argv, "--out", str(tmp_path / "full"), "--json", str(tmp_path / "full.json")])
+    distill.main([*argv, "--out", str(tmp_path / "split"), "--stop-at", "3", "--json", str(tmp_path / "a.json")])
+    # --lr on the command line differs from the checkpoint's: the checkpoint's wins (a note says so)
+    distill.main(["train", "--resume", str(tmp_path / "split"), "--lr", "1", "--json", str(tmp_path / "b.json")])
+    full, a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("full", "a", "b"))
+    assert a["stopped"] == "stop_at" and b["step"] == 6 and len(a["losses"] + b["losses"]) == 6
+    assert a["losses"] + b["losses"] == pytest.approx(full["losses"], abs=1e-6)
+    wa, wb = (checkpoint.load_model(str(tmp_path / n)).state_dict() for n in ("full", "split"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("loss", "unknown loss"), ("vocabulary", "vocabulary mismatch"), ("no_shards", "no shards"),
+    ("corrupt_shard", r"shard-r0-p00001-t1\.jsonl:2: corrupt"), ("no_prompts", "has no prompts"),
+    ("missing_prompts", "not found"), ("empty_prompts", "empty"), ("unknown_source", "unknown prompt source")])
+def test_bad_input_is_one_clear_line(case, message, folders, smollm2_tok, tmp_path):
+    write_synthetic(tmp_path / "syn", smollm2_tok, n=4)
+    train = ["train", "--draft", str(folders / "draft"), "--target", str(folders / "target"), "--out",
+             str(tmp_path / "o"), "--data", str(tmp_path / "syn")]
+    prompts = ["generate", "--target", str(folders / "target"), "--out", str(tmp_path / "g"), "--prompts"]
+    if case == "vocabulary":
+        checkpoint.save_model(tiny(vocab=1000), str(tmp_path / "small"))
+    if case == "corrupt_shard":
+        bad = tmp_path / "syn" / "shard-r0-p00001-t1.jsonl"
+        bad.write_text('{"prompt_ids": [1], "completion_ids": [2]}\n{"prompt_ids": [1], "completion_i\n')
+    (tmp_path / "empty").mkdir()
     (tmp_path / "none.txt").write_text("\n\n")
-    gen = ["generate", "--target", str(folders / "target"), "--out", str(tmp_path / "g"), "--prompts"]
-    for prompts, msg in [(str(tmp_path / "none.txt"), "has no prompts"), (str(tmp_path / "nope.jsonl"), "not found"),
-                         ("", "empty"), ("alpaca", "unknown prompt source")]:
-        with pytest.raises(common.UserError, match=msg):
-            distill.main(gen + [prompts])
+    argv = {"loss": train + ["--loss", "mse"],
+            "vocabulary": train[:2] + [str(tmp_path / "small")] + train[3:],
+            "no_shards": train[:-1] + [str(tmp_path / "empty")],
+            "corrupt_shard": train,
+            "no_prompts": prompts + [str(tmp_path / "none.txt")],
+            "missing_prompts": prompts + [str(tmp_path / "nope.jsonl")],
+            "empty_prompts": prompts + [""],
+            "unknown_source": prompts + ["alpaca"]}[case]
+    with pytest.raises(common.UserError, match=message):
+        distill.main(argv)
+
+
+def test_cli_exit_code_2_on_bad_input(folders, tmp_path):
     # through the real command line: exit code 2 and one line on stderr
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "distill.py")] + base + [str(tmp_path / "empty")],
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "distill.py"), "train", "--draft", str(folders / "draft"),
+                        "--target", str(folders / "target"), "--data", str(tmp_path)],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1

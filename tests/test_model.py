@@ -2,45 +2,19 @@
 our own folders); the KV cache is exact; bad input fails with one clear UserError."""
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import checkpoint
 import common
-import model as M  # noqa: E402
+import model as M
+from conftest import tiny_model
 
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The 2-core test machine is shared: one thread per process wastes no time in contended thread barriers.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny_config(**kw):
-    base = dict(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=128)
-    base.update(kw)
-    return M.ModelConfig(**base)
-
-
-def tiny_model(seed=0, **kw):
-    torch.manual_seed(seed)
-    m = M.Transformer(tiny_config(**kw)).eval()
-    with torch.no_grad():  # norms away from 1 so a mistaken norm weight shows up
-        for name, p in m.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-    return m
 
 
 def hf_gguf(path):
@@ -67,12 +41,8 @@ def hf_gguf(path):
 # The real target: SmolLM2-135M-Instruct Q4_1
 
 @pytest.fixture(scope="module")
-def smollm2_pair():
-    try:
-        path = checkpoint.resolve_spec("smollm2")
-    except common.UserError as e:
-        pytest.skip(str(e))
-    return checkpoint.load_model("smollm2"), hf_gguf(path)
+def smollm2_pair(smollm2):
+    return smollm2, hf_gguf(checkpoint.resolve_spec("smollm2"))
 
 
 def test_smollm2_logits_match_transformers(smollm2_pair):
@@ -427,8 +397,11 @@ def test_device_and_dtype_helpers():
         assert lin(x).dtype == torch.float32
     with common.autocast(cpu, common.train_dtype(cpu, "bfloat16")):  # asked for: bf16 matmuls, fp32 weights
         assert lin(x).dtype == torch.bfloat16 and lin.weight.dtype == torch.float32
-    common.sync(torch.device("cpu"))
-    common.mark_step(torch.device("cpu"))
+    assert common.decode_dtype(cpu, "float32") is torch.float32
+    assert common.decode_dtype(torch.device("cuda"), "auto") is torch.bfloat16
+    assert common.decode_dtype(cpu, "auto") is (torch.bfloat16 if common.cpu_has_bf16() else torch.float32)
+    assert common.has_float64(cpu) and not common.has_float64(torch.device("hpu"))
+    assert not common.hpu_lazy() or os.environ.get("PT_HPU_LAZY_MODE") == "1"
 
 
 def test_load_in_bfloat16(tmp_path):
@@ -438,6 +411,69 @@ def test_load_in_bfloat16(tmp_path):
     with torch.no_grad():
         m.setup_cache(1, 8)
         assert m(ids(T=4, B=1), input_pos=0).dtype == torch.float32
+
+
+# -----------------------------------------------------------------------------
+# A trimmed head and graph-friendly decoding
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_trimmed_head_predicts_the_subset_and_round_trips(tmp_path, tie):
+    m, x = tiny_model(tie_embeddings=tie, weight_std=0.3), ids(T=10)
+    subset = [7, 3, 100, 0, 42]
+    with torch.no_grad():
+        full = m(x)
+        m.trim_head(subset)
+        torch.testing.assert_close(m(x), full[..., subset])      # the subset's logits, in the subset's order
+    assert m.head_index(torch.tensor([100, 5])).tolist() == [2, -1]
+    checkpoint.save_model(m, tmp_path / "d")
+    back = checkpoint.load_model(tmp_path / "d")
+    assert back.head_ids.tolist() == subset
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), full[..., subset])
+        hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "d").eval()
+        assert hf(x).logits.shape[-1] == 128    # transformers loads it with a full head
+    path = tmp_path / "d" / checkpoint.HEAD_VOCAB
+    path.write_text(json.dumps({"ids": [7, 3, 100, 0, 41]}))    # another subset of the same size
+    with pytest.raises(common.UserError, match="does not match"):
+        checkpoint.load_model(tmp_path / "d")
+    path.unlink()
+    with pytest.raises(common.UserError, match="missing or corrupt"):
+        checkpoint.load_model(tmp_path / "d")
+    for bad in ([], [1, 1], [128]):
+        with pytest.raises(common.UserError):
+            tiny_model().trim_head(bad)
+
+
+@pytest.mark.parametrize("bucket", [16, 64])
+def test_bucketed_cache_reads_equal_exact_reads(bucket):
+    m, x = tiny_model(weight_std=0.3), ids(T=40, B=1)
+    with torch.no_grad():
+        full = m(x)
+        m.cache_bucket = bucket
+        m.setup_cache(1, 100)
+        got = [m(x[:, :10], input_pos=0)] + [m(x[:, t:t + 1], input_pos=t) for t in range(10, 30)]
+        got.append(m(x[:, 30:], input_pos=30))     # a verify-shaped chunk continuing the cache
+    torch.testing.assert_close(torch.cat(got, 1), full, atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_decoding_builds_a_bounded_number_of_graphs():
+    """A proxy for Gaudi and CUDA graphs: with shapes fixed per (tokens, cache bucket), compiling the layers
+    with dynamic shapes off gives one graph per shape, not one per token: a 12-token prompt, 64 one-token steps
+    and 4-token verify chunks read the cache in buckets of 64 slots, so at most 5 graphs."""
+    from torch._dynamo.testing import CompileCounter
+    torch._dynamo.reset()
+    m, x = tiny_model(weight_std=0.3), ids(T=110, B=1)
+    with torch.no_grad():
+        full = m(x)
+        counter = CompileCounter()
+        m.compile_blocks(64, backend=counter, dynamic=False)
+        m.setup_cache(1, 128)
+        got = [m(x[:, :12], input_pos=0)] + [m(x[:, t:t + 1], input_pos=t) for t in range(12, 76)]
+        got += [m(x[:, t:t + 4], input_pos=t) for t in range(76, 108, 4)] + [m(x[:, 108:], input_pos=108)]
+    torch.testing.assert_close(torch.cat(got, 1), full, atol=1e-4, rtol=1e-4)
+    # graphs: prompt (12 tokens, 64 slots); one token at 64 and 128 slots; 4 tokens at 128; 2 tokens at 128
+    assert counter.frame_count <= 5, counter.frame_count
+    torch._dynamo.reset()
 
 
 # -----------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""pretrain.py: the loop learns, resumes exactly, survives signals, trains in step under torchrun, and writes
-drafts that transformers loads. Tiny preset, a few steps, a small local corpus; everything offline on CPU."""
+"""pretrain.py over train.py: the loop learns, resumes exactly, survives signals, trains in step under torchrun,
+and writes drafts that transformers loads. Tiny preset, a few steps, a small local corpus; offline on CPU."""
 import json
 import os
 import re
@@ -14,23 +14,14 @@ from safetensors.torch import load_file
 
 import checkpoint
 import common
-import model as M
 import pretrain as P
+import train as T
+from conftest import ROOT, tiny_model
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-       "PYTHONUNBUFFERED": "1"}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 SEQ, BATCH = 32, 4
 TOKENS_PER_STEP = SEQ * BATCH
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a small shared CPU, threads of a tiny model mostly wait for each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+SMALL = dict(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64)
 
 
 @pytest.fixture(scope="module")
@@ -70,12 +61,11 @@ def saved_step(folder):
 
 
 def test_fused_loss_matches_plain_cross_entropy():
-    torch.manual_seed(0)
-    draft = M.Transformer(M.ModelConfig(vocab_size=300, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64))
+    draft = tiny_model(vocab_size=300, **SMALL)
     x, y = torch.randint(0, 300, (3, 10)), torch.randint(0, 300, (3, 10))
-    y[0, :4] = P.IGNORE  # ignored targets are not scored
+    y[0, :4] = T.IGNORE  # ignored targets are not scored
     grads = []
-    for loss_fn in (P.next_token_loss, P.plain_next_token_loss):
+    for loss_fn in (T.fused_next_token_loss, T.next_token_loss):
         draft.zero_grad()
         loss = loss_fn(draft, x, y)
         (2.0 * loss).backward()   # the incoming gradient is applied
@@ -84,20 +74,20 @@ def test_fused_loss_matches_plain_cross_entropy():
     for a, b in zip(grads[0][1], grads[1][1]):
         assert torch.allclose(a, b, atol=1e-6)
     h = draft.hidden(x).flatten(0, 1)
-    small_chunks = P.linear_cross_entropy(h, P.output_weight(draft), y.flatten(), chunk_rows=7)
+    small_chunks = T.linear_cross_entropy(h, T.output_weight(draft), y.flatten(), chunk_rows=7)
     assert small_chunks.item() == pytest.approx(grads[1][0], abs=1e-5)
 
 
 def test_lr_schedule_warms_up_then_decays_to_min():
-    lrs = [P.lr_at(s, 100, 1.0, 0.1, 10) for s in range(100)]
+    lrs = [T.lr_at(s, 100, 1.0, 0.1, 10) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
-    assert P.lr_at(100, 100, 1.0, 0.1, 10) == pytest.approx(0.1)
+    assert T.lr_at(100, 100, 1.0, 0.1, 10) == pytest.approx(0.1)
 
 
 def test_optimizer_skips_decay_on_norms():
-    draft = M.Transformer(M.PRESETS["tiny"])
-    opt = P.configure_optimizer(draft, 1e-3, 0.1)
+    draft = tiny_model()
+    opt = T.configure_optimizer(draft, 1e-3, 0.1)
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and all(p.dim() >= 2 for p in decay["params"])
     assert no_decay["weight_decay"] == 0.0 and all(p.dim() == 1 for p in no_decay["params"])
@@ -156,7 +146,7 @@ def test_sigkill_while_saving_keeps_the_previous_checkpoint(corpus, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "pretrain.py"),
                              *flags(corpus, out, 10_000, "--save-every", "2", "--val-batches", "0")],
-                            cwd=ROOT, env={**ENV, P.SAVE_DELAY_ENV: "2"},
+                            cwd=ROOT, env={**ENV, T.SAVE_DELAY_ENV: "2"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     tmp = f"{out}.tmp-{proc.pid}"
     try:
@@ -172,7 +162,7 @@ def test_sigkill_while_saving_keeps_the_previous_checkpoint(corpus, tmp_path):
         proc.kill()
         proc.wait()
     assert saved_step(out) == 2
-    assert P.load_checkpoint(str(out))["step"] == 2
+    assert T.load_checkpoint(str(out))["step"] == 2
     checkpoint.load_model(str(out))
 
 
@@ -219,8 +209,7 @@ def test_init_from_loads_weights_with_fresh_optimizer_and_schedule(corpus, tmp_p
 
 
 def test_init_from_with_another_vocabulary_is_refused(tmp_path):
-    other = M.Transformer(M.ModelConfig(vocab_size=1000, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64,
-                                        tokenizer="smollm2"))
+    other = tiny_model(vocab_size=1000, tokenizer="smollm2", **SMALL)
     checkpoint.save_model(other, str(tmp_path / "other"))
     with pytest.raises(common.UserError, match="1000"):
         P.main(["--init-from", str(tmp_path / "other"), "--out", str(tmp_path / "x")])
@@ -250,7 +239,7 @@ def test_corrupt_checkpoint_is_a_user_error(tmp_path):
 def test_out_of_memory_at_the_first_step_names_the_knobs(corpus, tmp_path, monkeypatch):
     def oom(*a, **k):
         raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
-    monkeypatch.setattr(P, "train_step", oom)
+    monkeypatch.setattr(T, "train_step", oom)
     with pytest.raises(common.UserError, match="--batch-size"):
         P.main(flags(corpus, tmp_path / "out", 2))
 
@@ -259,3 +248,96 @@ def test_cli_exit_code_2_on_bad_input():
     r = subprocess.run([sys.executable, "pretrain.py", "--preset", "nope"], cwd=ROOT, env=ENV,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1
+
+
+# -----------------------------------------------------------------------------------------------------------
+# A trimmed head (--head-vocab) and a start from the target (--init-from-target)
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_loss_over_a_trimmed_head_is_the_cross_entropy_over_its_subset(tied):
+    full = tiny_model(vocab_size=300, tie_embeddings=tied, **SMALL)
+    trimmed = tiny_model(vocab_size=300, tie_embeddings=tied, **SMALL).trim_head(list(range(100, 0, -1)))
+    x, y = torch.randint(0, 300, (3, 10)), torch.randint(0, 200, (3, 10))
+    y[0, :3] = T.IGNORE
+    # by hand: the full model's logits at the subset's ids, renormalised; targets outside it are not scored
+    logp = torch.log_softmax(full(x)[..., trimmed.head_ids], dim=-1)                    # (B, T, K)
+    inside = (y >= 1) & (y <= 100)
+    want = -logp[inside].gather(1, (100 - y[inside])[:, None]).mean()                   # position of id i: 100 - i
+    grads = []
+    for loss_fn in (T.next_token_loss, T.fused_next_token_loss):
+        trimmed.zero_grad()
+        loss = loss_fn(trimmed, x, y)
+        loss.backward()
+        assert loss.item() == pytest.approx(want.item(), abs=1e-5)
+        grads.append([p.grad.clone() for p in trimmed.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
+def write_completions(folder, completions):
+    """A `distill.py generate` folder holding these completions (the target's text) after a short prompt."""
+    os.makedirs(folder, exist_ok=True)
+    rows = [{"prompt_ids": [1, 2], "completion_ids": c} for c in completions]
+    (folder / "shard-r0-p00000-t0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_head_vocab_keeps_special_tokens_then_the_targets_most_frequent(corpus, tmp_path):
+    write_completions(tmp_path / "gen", [[1000 + i] * (10 - i) + [2] for i in range(10)])
+    r = run_main(flags(corpus, tmp_path / "out", 2, "--head-vocab", "22", "--head-vocab-from", str(tmp_path / "gen")),
+                 tmp_path / "r.json")
+    assert r["head_vocab"] == 22
+    special = list(range(17))    # SmolLM2's special and stop tokens: ids 0..16
+    assert checkpoint.load_model(str(tmp_path / "out")).head_ids.tolist() == special + [1000, 1001, 1002, 1003, 1004]
+
+
+def test_a_trimmed_draft_trains_and_resumes_exactly(corpus, tmp_path):
+    trim = ("--head-vocab", "300")   # counted over the first training rows of the corpus
+    full = run_main(flags(corpus, tmp_path / "full", 8, *trim), tmp_path / "full.json")
+    assert full["head_vocab"] == 300 and full["losses"][-1] < full["losses"][0] - 1.0
+    first = run_main(flags(corpus, tmp_path / "split", 8, *trim, "--stop-at", "4"), tmp_path / "first.json")
+    rest = run_main(["--resume", str(tmp_path / "split"), "--log-every", "1"], tmp_path / "rest.json")
+    assert first["losses"] + rest["losses"] == pytest.approx(full["losses"], abs=1e-6)
+    a, b = (checkpoint.load_model(str(tmp_path / n)) for n in ("full", "split"))
+    assert a.head_ids.tolist() == b.head_ids.tolist() and len(a.head_ids) == 300
+    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+    # the trimmed draft continues (--init-from) with its own subset
+    cont = run_main(["--init-from", str(tmp_path / "full"), *flags(corpus, tmp_path / "cp", 1, "--head-vocab", "500")[2:]],
+                    tmp_path / "cp.json")
+    assert cont["head_vocab"] == 300
+
+
+def test_init_from_target_projects_the_table_onto_its_leading_singular_directions():
+    target = tiny_model(vocab_size=300, dim=64)
+    draft = tiny_model(vocab_size=300, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, tie_embeddings=False)
+    P.init_from_target(draft, target)
+    E, D = target.embed_tokens.weight.detach(), draft.embed_tokens.weight.detach()
+    U, S, _ = torch.linalg.svd(E, full_matrices=False)
+    best = U[:, :32] * S[:32]                                   # (V, 32): the best rank-32 approximation's coordinates
+    assert torch.allclose(torch.linalg.svdvals(D), S[:32], rtol=1e-4)
+    assert torch.allclose(D @ D.T, best @ best.T, atol=1e-4)    # the same up to a rotation: signs are arbitrary
+    assert torch.equal(draft.lm_head.weight, D)                 # a tied target: its head rows are its table
+
+
+def test_init_from_target_layers_copies_them_exactly(corpus, tmp_path):
+    target = tiny_model(vocab_size=49152, dim=32, n_layers=3, n_heads=2, n_kv_heads=1, ffn_dim=64, tokenizer="smollm2")
+    checkpoint.save_model(target, str(tmp_path / "target"))
+    target = checkpoint.load_model(str(tmp_path / "target"))
+    args = flags(corpus, tmp_path / "out", 1, "--init-from-target", str(tmp_path / "target"), "--target-layers", "2,0")
+    draft = P.build_draft(P.make_parser().parse_args(args[2:]), __import__("tokenizer").load_tokenizer("smollm2"),
+                          set(), "cpu")
+    assert draft.config.n_layers == 2 and draft.config.dim == 32
+    want = {"embed_tokens.weight": target.embed_tokens.weight, "norm.weight": target.norm.weight,
+            **{f"layers.{i}.{k}": v for i, j in enumerate([2, 0]) for k, v in target.layers[j].state_dict().items()}}
+    assert set(want) == set(draft.state_dict()) and all(torch.equal(draft.state_dict()[k], v) for k, v in want.items())
+    with pytest.raises(common.UserError, match="--dim must be 32"):
+        P.main([*args, "--dim", "64"])
+    with pytest.raises(common.UserError, match="layers 0..2"):
+        P.main([*args[:-1], "0,3"])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--head-vocab", "5"], "needs 17 <= k"), (["--head-vocab", "0"], "--head-vocab must be positive"),
+    (["--target-layers", "0"], "--init-from-target")])
+def test_bad_head_vocab_or_target_layers_is_one_line_exit_2(corpus, tmp_path, extra, message):
+    r = subprocess.run([sys.executable, "pretrain.py", *flags(corpus, tmp_path / "x", 1, *extra)], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr

@@ -2,47 +2,51 @@
 output, the target as its own draft accepts everything, and bad input is a clear error."""
 import copy
 import dataclasses
+import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
 
 import checkpoint
 import common
+import tokenizer
 import model as M
 import speculative as S
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT, tiny_model
 
 
 # -----------------------------------------------------------------------------
 # helpers
 
 def chi2_pvalue(counts, probs):
-    """Pearson chi-square goodness of fit of integer counts (K,) to probabilities (K,). Cells with probability 0
-    must be empty: a single token there is a hard failure, not noise."""
-    counts, probs = counts.double(), probs.double() / probs.sum()
+    """Pearson chi-square goodness of fit of integer counts (K,) to probabilities (K,), or of each row of (R, K)
+    counts to its row of probabilities: a Markov chain's transition counts (Anderson & Goodman 1957). Cells with
+    probability 0 must be empty: a single token there is a hard failure, not noise."""
+    counts, probs = counts.double().view(-1, counts.size(-1)), probs.double().view(-1, probs.size(-1))
+    seen = counts.sum(-1) > 0  # rows never visited carry no evidence
+    counts, probs = counts[seen], probs[seen] / probs[seen].sum(-1, keepdim=True)
     support = probs > 0
     assert counts[~support].sum() == 0, f"tokens emitted where p = 0: {counts}"
-    n = counts.sum()
-    expected = n * probs[support]
-    stat = ((counts[support] - expected) ** 2 / expected).sum()
-    df = int(support.sum()) - 1
+    expected = counts.sum(-1, keepdim=True) * probs
+    stat = ((counts - expected)[support] ** 2 / expected[support]).sum()
+    df = int(support.sum()) - len(counts)
     if df == 0:
         return 1.0
     return torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.double), stat / 2).item()  # P(X2 >= stat)
 
 
-def run_verify(q, p, trials, seed=0):
+def run_verify(q, p, trials, seed=0, dtype=torch.float64):
     """Draw x_i ~ q_i and call verify `trials` times; returns the list of emitted token lists."""
     g = torch.Generator().manual_seed(seed)
     gamma = q.size(0)
     out = []
     for _ in range(trials):
         x = torch.multinomial(q, 1, generator=g).view(gamma)
-        n, t = S.verify(x, q, p, g)
+        n, t = S.verify(x, q, p, g, dtype)
         assert 0 <= n <= gamma
         out.append(x[:n].tolist() + [t])
     return out
@@ -59,18 +63,11 @@ def dirichlet(rows, V):
     return x / x.sum(-1, keepdim=True)
 
 
-def random_model(seed, vocab_size=64, n_layers=2, dim=64, max_seq_len=256):
+def random_model(seed, vocab_size=64, n_layers=2, dim=64):
     """A tiny random model with untied embeddings and large weights, so its greedy outputs are varied (with a
     small tied init, every random model just repeats its input token)."""
-    torch.manual_seed(seed)
-    cfg = M.ModelConfig(vocab_size=vocab_size, dim=dim, n_layers=n_layers, n_heads=4, n_kv_heads=2, ffn_dim=128,
-                        max_seq_len=max_seq_len, tie_embeddings=False)
-    m = M.Transformer(cfg).eval()
-    with torch.no_grad():
-        for w in m.parameters():
-            if w.dim() == 2:
-                w.normal_(0.0, 0.3)
-    return m
+    return tiny_model(seed, vocab_size=vocab_size, n_layers=n_layers, dim=dim, ffn_dim=128, max_seq_len=256,
+                      tie_embeddings=False, weight_std=0.3)
 
 
 def perturbed(m, seed, scale):
@@ -84,28 +81,24 @@ def perturbed(m, seed, scale):
     return d
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Batch-1 decoding is latency-bound: on a small shared machine, two threads spin-waiting for each other
-    make every forward ~30x slower than one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny_pair():
     target = random_model(0)
     return target, perturbed(target, 1, 0.01)  # accepts about half of its greedy drafts
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    try:
-        return checkpoint.load_model("smollm2")
-    except common.UserError as e:
-        pytest.skip(str(e))
+def bigram(seed, V=5):
+    """A transformer whose blocks add nothing (zero weights), so its next token depends on the last token only:
+    one long generation is a Markov chain whose transition counts a chi-square test checks."""
+    m = tiny_model(seed, vocab_size=V, n_layers=1, dim=16, n_heads=2, n_kv_heads=1, ffn_dim=16, max_seq_len=2048,
+                   tie_embeddings=False)
+    with torch.no_grad():
+        for name, w in m.named_parameters():
+            if name.startswith("layers.") and w.dim() == 2:
+                w.zero_()
+        m.embed_tokens.weight.normal_(0.0, 1.0)
+        m.lm_head.weight.normal_(0.0, 0.5)
+    return m
 
 
 def shallow_copy(target, n_layers):
@@ -139,24 +132,36 @@ def test_sample_probs_filters():
         assert probs.dtype == torch.float32 and torch.allclose(probs.sum(-1), torch.tensor(1.0))
 
 
-def test_sample_draws_from_the_weights():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # float32: Gaudi and MPS have no float64
+def test_sample_draws_from_the_weights(dtype):
     g = torch.Generator().manual_seed(0)
     w = torch.tensor([0.5, 0.0, 1.5, 2.0])  # unnormalised on purpose
-    draws = S.sample(w.expand(20000, 4).contiguous(), g)
+    draws = S.sample(w.expand(20000, 4).contiguous(), g, dtype)
     assert chi2_pvalue(torch.bincount(draws, minlength=4), w) > 1e-4
-    assert S.sample(torch.tensor([0.0, 0.0, 1.0, 0.0]), g).item() == 2  # one-hot: always the hot token
+    assert S.sample(torch.tensor([0.0, 0.0, 1.0, 0.0]), g, dtype).item() == 2  # one-hot: always the hot token
+    assert S.sampling_dtype("cpu") == torch.float64 and S.sampling_dtype("mps") == torch.float32
+
+
+def test_gaudi_draws_its_random_numbers_on_the_cpu():
+    # the Gaudi bridge has no device generators: a seeded CPU generator, its uniforms moved to the device
+    g = S.make_generator(torch.device("hpu"), seed=0)
+    assert g.device.type == "cpu" and S.make_generator("cpu", 0).device.type == "cpu"
+    u = S.uniform(5, g, torch.device("meta"), torch.float32)  # meta stands in for a device we do not have
+    assert u.device.type == "meta" and u.shape == (5,) and u.dtype == torch.float32
+    r = S.uniform(10000, S.make_generator("cpu", 1), torch.device("cpu"), torch.float32)
+    assert 0 < r.min() and r.max() <= 1 and abs(r.mean().item() - 0.5) < 0.02
 
 
 # -----------------------------------------------------------------------------
 # verify is lossless
 
-@pytest.mark.parametrize("gamma", [1, 3])
-def test_verify_is_lossless_random_distributions(gamma):
+@pytest.mark.parametrize("gamma,dtype", [(1, torch.float64), (3, torch.float64), (3, torch.float32)])
+def test_verify_is_lossless_random_distributions(gamma, dtype):
     torch.manual_seed(gamma)
     V = 5
     p = dirichlet(gamma + 1, V)
     q = dirichlet(gamma, V)
-    emitted = run_verify(q, p, trials=5000, seed=gamma)
+    emitted = run_verify(q, p, trials=5000, seed=gamma, dtype=dtype)
     # every position of a round, among the trials that reach it, emits a token distributed as p at that position
     for k in range(gamma + 1):
         assert chi2_pvalue(position_counts(emitted, k, V), p[k]) > 1e-4, f"position {k}"
@@ -221,7 +226,8 @@ def test_verify_is_lossless_over_a_sequence():
     assert chi2_pvalue(joint.view(-1), (P1[:, None] * P2).view(-1)) > 1e-4
 
 
-def test_verify_greedy_one_hot_is_exact():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_verify_greedy_one_hot_is_exact(dtype):
     V = 6
     onehot = torch.eye(V)
     g = torch.Generator().manual_seed(0)
@@ -232,7 +238,7 @@ def test_verify_greedy_one_hot_is_exact():
             drafts = draft_tokens.clone()
             if n_expected < 3:  # first disagreement at position n_expected
                 drafts[n_expected] = (target_tokens[n_expected] + 1) % V
-            n, t = S.verify(drafts, onehot[drafts], onehot[target_tokens], g)
+            n, t = S.verify(drafts, onehot[drafts], onehot[target_tokens], g, dtype)
             assert (n, t) == (n_expected, target_tokens[n_expected].item())
 
 
@@ -280,14 +286,65 @@ def test_stop_among_accepted_drafts_and_streaming(tiny_pair):
     target, _ = tiny_pair
     prompt = [11, 12, 13]
     ref, _ = S.autoregressive(target, prompt, 30, temperature=0)
-    stop = ref[9]
-    end = ref.index(stop) + 1
+    # a stop token that first appears as the 1st-4th token of a 5-token round: among the accepted drafts
+    end = next(i + 1 for i in range(5, 25) if ref.index(ref[i]) == i and (i + 1) % 5)
     rounds = []
-    out, st = S.generate(target, target, prompt, 30, gamma=4, temperature=0, stop_ids={stop},
+    out, st = S.generate(target, target, prompt, 30, gamma=4, temperature=0, stop_ids={ref[end - 1]},
                          on_tokens=lambda toks, n: rounds.append((list(toks), n)))
     assert out == ref[:end] and sum(len(r) for r, _ in rounds) == end
     assert all(n == len(r) - 1 for r, n in rounds[:-1])  # target as draft: all but the last token came from it
-    assert st["acceptance_rate"] == 1.0
+    # accepted counts only what reached the output: the drafts verified past the stop token are cut away
+    assert st["accepted"] == sum(n for _, n in rounds) == sum(st["accepted_per_position"]) < st["drafted"]
+    assert st["rejections"] == 0 and st["beta"] == 1.0 and st["acceptance_rate"] == st["accepted"] / st["drafted"]
+
+
+def test_greedy_speculative_equals_autoregressive_trimmed_draft_and_threshold(tiny_pair):
+    target, draft = tiny_pair
+    head = list(range(0, 64, 2))  # the draft can propose even tokens only
+    trimmed = copy.deepcopy(draft).trim_head(head)
+    fired = 0
+    for prompt in ([5, 17, 42, 9], [3, 4, 60, 2, 2, 7]):
+        ref, _ = S.autoregressive(target, prompt, 40, temperature=0)
+        assert any(t % 2 for t in ref)  # the target also says tokens the trimmed draft cannot
+        for d, threshold in ((trimmed, 0.0), (draft, 0.4), (trimmed, 0.4)):
+            for gamma in (2, 5):
+                rounds = []
+                out, st = S.generate(target, d, prompt, 40, gamma=gamma, temperature=0, draft_threshold=threshold,
+                                     on_tokens=lambda toks, n: rounds.append((list(toks), n)))
+                assert out == ref, (prompt, gamma, threshold)
+                assert st["accepted"] == sum(st["accepted_per_position"]) == sum(n for _, n in rounds) > 0
+                assert st["drafted"] == sum(st["drafted_per_position"])
+                assert st["beta"] == st["accepted"] / (st["accepted"] + st["rejections"])
+                assert st["effective_gamma"] == st["draft_forwards"] / st["target_forwards"] <= gamma
+                if d is trimmed:
+                    assert all(t in head for toks, n in rounds for t in toks[:n])
+                if threshold:  # the rule stopped some rounds early: a draft forward that proposed nothing
+                    fired += st["draft_forwards"] > st["drafted"]
+                else:
+                    assert st["draft_forwards"] == st["drafted"]
+    assert fired >= 4
+
+
+@pytest.mark.parametrize("threshold,top_p,dtype", [(0.0, None, torch.float64), (0.8, 0.9, torch.float32)])
+def test_speculative_sampling_with_a_trimmed_draft_is_lossless(threshold, top_p, dtype):
+    """A trimmed draft head proposes 3 of 5 tokens; the others still come out at the target's rates (from the
+    residual and the bonus token), also with a draft threshold and in float32 sampling (Gaudi, MPS)."""
+    V, head = 5, [0, 2, 3]
+    target = bigram(0, V)
+    draft = perturbed(target, 5, 0.2).trim_head(head)
+    with torch.no_grad():
+        P = S.sample_probs(target(torch.arange(V)[:, None])[:, -1], 1.0, top_p=top_p)  # (V, V) p(next | last)
+    out, st = S.generate(target, draft, [0], 1200, gamma=3, temperature=1.0, top_p=top_p, seed=0,
+                         draft_threshold=threshold, dtype=dtype)
+    seq = [0] + out
+    counts = torch.zeros(V, V, dtype=torch.long)
+    for a, b in zip(seq, seq[1:]):
+        counts[a, b] += 1
+    assert chi2_pvalue(counts, P) > 1e-4
+    # power: accepting the draft's tokens only would never emit 1 or 4, which the target says this often
+    assert counts[:, [1, 4]].sum() > 100 and st["accepted"] > 100
+    if threshold:
+        assert st["draft_forwards"] > st["drafted"] and st["effective_gamma"] < 3
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(0.0, None, None), (0.6, None, None), (0.6, 20, None),
@@ -307,6 +364,25 @@ def test_draft_equal_to_target_accepts_everything(tiny_pair, temperature, top_k,
                             temperature=temperature, top_k=top_k, top_p=top_p, seed=1)
         assert st2["acceptance_rate"] == 1.0 and st2["new_tokens"] == n_new + 2
         assert st2["target_forwards"] == 6 and st2["drafted"] == 5 * gamma + 1  # the last round drafts 1 token
+
+
+def test_compiled_speculative_run_builds_a_bounded_number_of_graphs():
+    """A proxy for Gaudi and CUDA graphs (see tests/test_model.py): with the cache read in buckets, a speculative run
+    compiles one graph per forward shape, not one per token: the target scores the prompt and 1..gamma+1 tokens,
+    the draft the prompt and 1 or 2 tokens, so at most gamma + 5 graphs (7 here, under dynamo's limit of 8)."""
+    from torch._dynamo.testing import CompileCounter
+    target = random_model(0)
+    draft = shallow_copy(target, 1)  # another shape, so its graphs are its own; accepts part of the time
+    prompt, gamma = [5, 17, 42, 9], 2
+    ref, st = S.generate(target, draft, prompt, 40, gamma=gamma, temperature=0)
+    assert 0 < st["accepted"] < st["drafted"]
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    for m in (target, draft):
+        m.compile_blocks(64, backend=counter, dynamic=False)
+    out, _ = S.generate(target, draft, prompt, 40, gamma=gamma, temperature=0)
+    assert out == ref and counter.frame_count <= gamma + 5, counter.frame_count
+    torch._dynamo.reset()
 
 
 def test_seeded_sampling_is_reproducible_and_max_new_tokens_exact(tiny_pair):
@@ -367,21 +443,17 @@ def test_metrics():
 # -----------------------------------------------------------------------------
 # bad input
 
-def test_bad_input_is_a_clear_error(tiny_pair):
+def test_bad_input_is_a_clear_error(tiny_pair, monkeypatch):
     target, draft = tiny_pair
     other_vocab = random_model(2, vocab_size=65)
-    with pytest.raises(common.UserError, match="exact vocabulary"):
+    with pytest.raises(common.UserError, match="vocabulary mismatch: .* 64 tokens, the draft has 65"):
         S.generate(target, other_vocab, [1, 2], 5)
 
-    class FakeTok:
-        def __init__(self, fp):
-            self.fp = fp
-
-        def fingerprint(self):
-            return self.fp
-    with pytest.raises(common.UserError, match="different token strings"):
-        S.check_same_vocab(target, draft, FakeTok("a"), FakeTok("b"))
-    S.check_same_vocab(target, draft, FakeTok("a"), FakeTok("a"))
+    def tok(fingerprint):  # the same size, other token strings: what the CLI's tokenizer check refuses
+        return types.SimpleNamespace(spec=fingerprint, vocab_size=64, fingerprint=lambda: fingerprint)
+    with pytest.raises(common.UserError, match="other tokens"):
+        tokenizer.check_same_vocab(tok("a"), tok("b"))
+    tokenizer.check_same_vocab(tok("a"), tok("a"))
 
     ctx = target.config.max_seq_len  # 256
     with pytest.raises(common.UserError, match="context"):
@@ -391,6 +463,13 @@ def test_bad_input_is_a_clear_error(tiny_pair):
         S.autoregressive(target, [1] * 200, 57)
     with pytest.raises(common.UserError, match="gamma"):
         S.generate(target, draft, [1, 2], 5, gamma=0)
+    with pytest.raises(common.UserError, match="draft_threshold"):
+        S.generate(target, draft, [1, 2], 5, draft_threshold=1.5)
+    with pytest.raises(common.UserError, match="target's head is trimmed"):
+        S.generate(copy.deepcopy(target).trim_head([1, 2, 3]), draft, [1, 2], 5)
+    monkeypatch.setattr(common, "hpu_lazy", lambda: True)
+    with pytest.raises(common.UserError, match="eager mode"):  # Gaudi's lazy mode has no torch.compile
+        S.compile_models(torch.device("hpu"), target)
     with pytest.raises(common.UserError, match="temperature"):
         S.generate(target, draft, [1, 2], 5, temperature=-0.1)
     with pytest.raises(common.UserError, match="temperature"):
@@ -404,24 +483,63 @@ def test_bad_input_is_a_clear_error(tiny_pair):
         S.autoregressive(target, [], 5)
 
 
-def run_cli(*args):
+@pytest.mark.parametrize("script,args,message", [
+    ("speculative.py", ["--target", "{tmp}/a", "--draft", "{tmp}/b", "--device", "cpu"],
+     "error: vocabulary mismatch: the target has 64 tokens, the draft has 80; train the draft with the target's"),
+    ("bench.py", ["--draft", "x", "--tasks", "poetry"], "error: unknown task 'poetry'")], ids=["speculative", "bench"])
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, script, args, message):
+    """The real process: a user's mistake is one line on stderr and exit code 2, not a traceback."""
+    for name, vocab_size in (("a", 64), ("b", 80)):  # two saved models, small so they load fast
+        checkpoint.save_model(random_model(0, vocab_size=vocab_size), str(tmp_path / name))
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    return subprocess.run([sys.executable, os.path.join(ROOT, "speculative.py"), *args], capture_output=True,
-                          text=True, env=env, cwd=ROOT, timeout=120)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, script), *(a.format(tmp=tmp_path) for a in args)],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith(message) and r.stderr.count("\n") == 1, r.stderr
 
 
-def test_cli_bad_input_exits_2_with_one_line(tmp_path):
-    # vocabulary mismatch between two saved models (small, so this loads fast)
-    checkpoint.save_model(random_model(0, vocab_size=64), str(tmp_path / "a"))
-    checkpoint.save_model(random_model(0, vocab_size=80), str(tmp_path / "b"))
-    r = run_cli("--target", str(tmp_path / "a"), "--draft", str(tmp_path / "b"), "--device", "cpu")
-    assert r.returncode == 2 and r.stderr.startswith("error: vocabulary mismatch"), r.stderr
-    assert "exact vocabulary" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+@pytest.mark.parametrize("cpu_bf16", [False, True])
+def test_cli_compare_times_a_silent_run_and_reports_both(tmp_path, monkeypatch, capsys, cpu_bf16):
+    # a tiny model in SmolLM2's vocabulary, so the real tokenizer is used; as its own draft it shares one cache
+    m = tiny_model(0, vocab_size=49152, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64, bos_id=1,
+                   eos_id=2, tokenizer="smollm2")
+    checkpoint.save_model(m, str(tmp_path / "m"))
+    monkeypatch.setattr(common, "cpu_has_bf16", lambda: cpu_bf16)  # --dtype auto: bf16 where the CPU has it
+    compiled = []  # --compile, without the minutes of a real compile: the target as its own draft, once
+    monkeypatch.setattr(M.Transformer, "compile_blocks", lambda self, **kw: compiled.append(self) or self)
+    printed, during = [], []  # what stdout got outside and inside each generate() call
+    real_generate = S.generate
+
+    def spy(*a, **kw):
+        printed.append(capsys.readouterr().out)
+        out = real_generate(*a, **kw)
+        during.append(capsys.readouterr().out)
+        return out
+    monkeypatch.setattr(S, "generate", spy)
+    monkeypatch.setattr(sys, "argv", ["speculative.py", "--target", str(tmp_path / "m"), "--draft",
+                                      str(tmp_path / "m"), "--temperature", "0", "--max-new-tokens", "6",
+                                      "--device", "cpu", "--compare", "--compile", "--json", str(tmp_path / "r.json"),
+                                      "--prompt", "Once upon a time"])
+    S.main()
+    out = "".join(printed) + capsys.readouterr().out
+    with open(tmp_path / "r.json") as f:
+        r = json.load(f)
+    spec, base = r["speculative"], r["autoregressive"]
+    assert during == ["", ""] and len(compiled) == 1  # the warm-up and the timed run wrote nothing
+    assert out.startswith("Once upon a time") and len(out.split("speculative:")[0].strip()) > 16  # shown after
+    assert r["dtype"] == ("bfloat16" if cpu_bf16 else "float32") and spec["new_tokens"] == base["new_tokens"]
+    assert spec["c"] == 1.0 and spec["effective_gamma"] == spec["draft_forwards"] / spec["target_forwards"]
+    assert spec["beta"] == spec["accepted"] / (spec["accepted"] + spec["rejections"])
+    if not cpu_bf16:  # float32: the target agrees with itself exactly (bf16: see README, exactness in bf16)
+        assert spec["acceptance_rate"] == 1.0 == spec["beta"]
+    per_token = base["seconds"] / base["new_tokens"], spec["seconds"] / spec["new_tokens"]
+    assert r["speedup"] == pytest.approx(per_token[0] / per_token[1])
+    assert "autoregressive:" in out and f"wall-clock speedup {r['speedup']:.2f}x" in out
 
 
 def test_cli_checks_its_flags_before_loading_models(tmp_path, monkeypatch):
     for args, words in ((["--prompt", ""], "empty"), (["--top-p", "0"], "top_p"), (["--top-p", "1.01"], "top_p"),
                         (["--temperature", "-1"], "temperature"), (["--gamma", "-2"], "gamma"),
+                        (["--draft-threshold", "2"], "draft_threshold"),
                         (["--draft", str(tmp_path / "missing")], "no such model")):
         monkeypatch.setattr(sys, "argv", ["speculative.py", "--draft", "smollm2", *args])
         with pytest.raises(common.UserError, match=words):
