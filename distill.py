@@ -327,8 +327,7 @@ def make_parser():
     g = sub.add_parser("generate", formatter_class=fmt, help="the target answers prompts: a JSONL data set",
                        description="The target answers every prompt at every temperature. Resumable (rerun the "
                                    "same command); under torchrun each rank writes its own share.")
-    g.add_argument("--target", default="smollm2", help="the model whose behaviour the draft learns: 'smollm2', a "
-                                                       "HF folder, a .gguf file")
+    g.add_argument("--target", default="smollm2", help="the model the draft learns from: smollm2, a HF folder, a .gguf")
     g.add_argument("--prompts", required=True,
                    help="comma-joined sources: magpie:N (the target writes N instructions), FILE.jsonl (--field), "
                         "FILE.txt (one a line), hf:NAME[:CONFIG][:SPLIT][:FIELD], code:SOURCE[:N] (def line + "
@@ -336,8 +335,7 @@ def make_parser():
                         "100-200 token opening of a passage of a data.py source's training split, e.g. "
                         "text:builtin:prose:500, continued as raw text like bench.py's text task)")
     g.add_argument("--out", required=True, help="output folder (shard-*.jsonl + manifest.json)")
-    g.add_argument("--field", default="instruction", help="JSON field holding the instruction ('prompt' also "
-                                                          "accepted)")
+    g.add_argument("--field", default="instruction", help="JSON field holding the instruction (or 'prompt')")
     g.add_argument("--limit", type=int, default=0, help="at most this many prompts per source (0: all)")
     g.add_argument("--temperatures", default="0.6,0.8,1.0,0", help="each prompt is answered at each (0 = greedy)")
     g.add_argument("--top-p", type=float, default=None, help="nucleus sampling for the answers (default: off)")
@@ -362,8 +360,7 @@ def make_parser():
     t.add_argument("--top-k", type=int, default=None, help="keep the target's top-k tokens, renormalised (kl/tvd)")
     t.add_argument("--kd-weight", type=float, default=1.0, help="weight of the token-level part in ce+kl, ce+tvd")
     t.add_argument("--head-vocab", type=int, metavar="K", help=head_help + " (a trimmed --draft keeps its own)")
-    t.add_argument("--seq-len", type=int, help="rows longer than this are cut (default: the draft's context, "
-                                               "at most 1024)")
+    t.add_argument("--seq-len", type=int, help="rows are cut to this (default: the draft's context, <= 1024)")
     t.add_argument("--batch-size", type=int, default=8, help="rows per micro-batch per process")
     t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     t.add_argument("--epochs", type=float, default=1.0, help="passes over the data (sets the step count)")
@@ -387,8 +384,7 @@ def make_parser():
     r.add_argument("--draft", required=True, help="the draft folder to trim")
     r.add_argument("--head-vocab", type=int, required=True, metavar="K", help=head_help)
     r.add_argument("--data", required=True, help="folder(s) written by `distill.py generate`: DIR1,DIR2")
-    r.add_argument("--target", help="whose tokenizer names the special tokens (default: the data's manifest's, "
-                                    "else the draft's)")
+    r.add_argument("--target", help="its tokenizer names the special tokens (default: the data's, or the draft's)")
     r.add_argument("--out", required=True, help="the trimmed draft's folder")
     return p
 
@@ -505,11 +501,9 @@ def cmd_train(args, given):
     length = args.seq_len if device.type in ("cuda", "hpu") else None
     batches = synthetic.CompletionBatches(train_rows, args.batch_size, seed=args.seed, rank=dist.rank,
                                           world_size=dist.world, device=device, length=length)
-    val_batches = None
-    if dist.rank == 0 and val_rows:
-        n = min(len(val_rows), args.val_batches * args.batch_size)
-        val_batches = [synthetic.pad_rows(val_rows[i:i + args.batch_size], device, length)
-                       for i in range(0, n, args.batch_size)]
+    val = val_rows[:args.val_batches * args.batch_size] if dist.rank == 0 else []   # rank 0 validates
+    val_batches = [synthetic.pad_rows(val[i:i + args.batch_size], device, length)
+                   for i in range(0, len(val), args.batch_size)] or None
     draft.train()
     optimizer = configure_optimizer(draft, args.lr, args.weight_decay, device=device)
     start_step = restore(args.resume, optimizer, batches, dist) if args.resume else 0

@@ -14,6 +14,7 @@ report. What is its own: the draft's shape, the data stream, and how ranks share
 """
 import argparse
 import dataclasses
+import hashlib
 import itertools
 import json
 import math
@@ -30,7 +31,7 @@ from checkpoint import load_model
 from common import UserError, hpu_lazy, pick_device, run_cli, train_dtype, write_json
 from model import PRESETS, Transformer
 from train import (LoopConfig, end_run, configure_optimizer, fused_next_token_loss, given_flags, next_token_loss,
-                   replicas_identical, restore, resume_args, setup_distributed, summary, train, trim_to_frequent)
+                   restore, resume_args, setup_distributed, summary, train, trim_to_frequent)
 
 DEFAULT_PRESET = "cpu-small"
 LOSSES = {"fused": fused_next_token_loss, "plain": next_token_loss}
@@ -188,7 +189,7 @@ def build_draft(args, tok, given, device):
     shape = {k: getattr(args, k) for k in SHAPE_FLAGS if getattr(args, k) is not None}
     base, target, layers = PRESETS[args.preset], None, []
     if args.init_from_target:
-        target = load_model(args.init_from_target, device=device, dtype=torch.float32)
+        target = load_model(args.init_from_target, device=device)   # its own dtype: copy_() casts to the draft's
         tokenizer.check_same_vocab(tok, vocab_size=target.config.vocab_size, what=args.init_from_target)
     if args.target_layers:   # a layer-pruned copy: the target's shape (and RoPE, norm eps, tying), fewer layers
         layers = parse_layers(args.target_layers, target.config.n_layers)
@@ -263,6 +264,18 @@ def load_resumed(folder, tok, device):
         raise UserError(f"checkpoint {folder} is corrupt ({type(e).__name__}: {e})".splitlines()[0])
     tokenizer.check_same_vocab(tok, vocab_size=draft.config.vocab_size, what=f"checkpoint {folder}")
     return draft
+
+
+def replicas_identical(draft, ddp):
+    """True when every rank holds bit-identical weights (DDP keeps replicas in step; this checks it)."""
+    if not ddp:
+        return True
+    digest = hashlib.sha256()
+    for p in draft.parameters():
+        digest.update(p.detach().float().cpu().numpy().tobytes())
+    digests = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(digests, digest.hexdigest())
+    return len(set(digests)) == 1
 
 
 def make_batches(args, tok, dist, device):

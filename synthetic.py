@@ -59,8 +59,10 @@ def file_prompts(path, field):
     out = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
-            if not line.strip() or path.endswith(".txt"):
-                out += [line.strip()] if line.strip() else []
+            if not line.strip():
+                continue
+            if path.endswith(".txt"):
+                out.append(line.strip())
                 continue
             try:
                 row = json.loads(line)
@@ -151,7 +153,7 @@ def text_prompts(spec, tok, limit):
         chars = [ch for ch in text[:800] if not ch.isspace()]
         if len(text) >= 4 * TEXT_TOKENS[0] and text[:1].isalpha() and \
                 sum(ch.isalpha() for ch in chars) >= 0.86 * len(chars):   # running sentences, not a table
-            out.append(cut_passage(tok, text, *TEXT_TOKENS))
+            out.append(cut_passage(tok, text[:8 * TEXT_TOKENS[1]], *TEXT_TOKENS))   # (~4 characters a token)
         if len(out) >= n:
             break
     return out

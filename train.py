@@ -12,7 +12,6 @@ import argparse
 import contextlib
 import dataclasses
 import glob
-import hashlib
 import importlib
 import json
 import math
@@ -38,6 +37,19 @@ IGNORE = -100  # target id that is not scored (F.cross_entropy's ignore_index)
 # -----------------------------------------------------------------------------------------------------------
 # The loss
 
+def next_token_loss(draft, x, y):
+    """Pretraining objective: mean cross-entropy of the next token (FastDraft PT/CP; y = x shifted by one)."""
+    logits = draft(x)                                                         # (B, T, V) float32 (V: K if trimmed)
+    with autocast_off(x.device):
+        return F.cross_entropy(logits.flatten(0, 1), head_targets(draft, y).flatten(), ignore_index=IGNORE)
+
+
+def autocast_off(device):
+    """Losses run with autocast off: Gaudi's bf16 autocast list includes softmax, log_softmax and mean (Intel Gaudi
+    docs, PyTorch_Mixed_Precision), so a loss that casts to float32 inside autocast would still run in bf16 there."""
+    return torch.autocast(torch.device(device).type, enabled=False)
+
+
 def head_targets(draft, y):
     """Targets as positions in the draft's output. A trimmed head (model.trim_head) scores only its K tokens, so
     the loss is the cross-entropy over that subset and a target outside it is not scored (IGNORE)."""
@@ -59,27 +71,13 @@ def trim_to_frequent(draft, k, tok, token_lists, say=print):
     return torch.isin(flat, draft.head_ids.cpu()).float().mean().item() if len(flat) else 0.0
 
 
-def autocast_off(device):
-    """Losses run with autocast off: Gaudi's bf16 autocast list includes softmax, log_softmax and mean (Intel Gaudi
-    docs, PyTorch_Mixed_Precision), so a loss that casts to float32 inside autocast would still run in bf16 there."""
-    return torch.autocast(torch.device(device).type, enabled=False)
-
-
-def next_token_loss(draft, x, y):
-    """Pretraining objective: mean cross-entropy of the next token (FastDraft PT/CP; y = x shifted by one)."""
-    logits = draft(x)                                                         # (B, T, V) float32 (V: K if trimmed)
-    with autocast_off(x.device):
-        return F.cross_entropy(logits.flatten(0, 1), head_targets(draft, y).flatten(), ignore_index=IGNORE)
-
-
 class WithLoss(nn.Module):
     """The draft plus its loss as one module. DDP only synchronizes gradients of what its wrapped module's
     forward() computed, so a loss that calls draft.hidden() must run inside forward(), not next to it."""
 
     def __init__(self, draft, loss_fn):
         super().__init__()
-        self.draft = draft
-        self.loss_fn = loss_fn
+        self.draft, self.loss_fn = draft, loss_fn
 
     def forward(self, *batch):
         return self.loss_fn(self.draft, *batch)
@@ -100,8 +98,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, targets, ignore_index, chunk_rows, mm_dtype):
-        # h (N, C) final-normed hidden states, weight (V, C), targets (N,); the two big matmuls run in mm_dtype
-        # (what autocast would have picked), the softmax arithmetic in float32
+        # h (N, C) final-normed hidden states, weight (V, C), targets (N,). The logits and grad_h matmuls run in
+        # mm_dtype (what autocast would pick); the softmax arithmetic and grad_w in float32.
         valid = targets != ignore_index
         n_valid = valid.sum().clamp(min=1).to(torch.float32)   # stays a tensor: no device sync here
         safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
@@ -234,18 +232,6 @@ def _reduce_sum(losses, flag, device, ddp):
     if ddp:
         torch.distributed.all_reduce(t)
     return t.tolist()
-
-
-def replicas_identical(draft, ddp):
-    """True when every rank holds bit-identical weights (DDP keeps replicas in step; this checks it)."""
-    if not ddp:
-        return True
-    digest = hashlib.sha256()
-    for p in draft.parameters():
-        digest.update(p.detach().float().cpu().numpy().tobytes())
-    digests = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(digests, digest.hexdigest())
-    return len(set(digests)) == 1
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -419,10 +405,8 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L
 
 def peak_flops(device):
     """Peak bf16 FLOP/s of one device, or None when unknown (CPU, MPS, unlisted cards)."""
-    if device.type not in ("cuda", "hpu"):
-        return None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        importlib.import_module("habana_frameworks.torch.hpu").get_device_name()
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda" else
+            importlib.import_module("habana_frameworks.torch.hpu").get_device_name() if device.type == "hpu" else "")
     return next((v for k, v in PEAK_FLOPS.items() if k in name.upper()), None)
 
 
@@ -466,11 +450,8 @@ class Progress:
             self.bar = tqdm(total=cfg.max_steps, initial=cfg.start_step, unit="step", dynamic_ncols=True)
             log = self.bar.write
         self.log = log
-        self.t_start = time.time()   # begin() restarts it after the first validation
+        self.t_start = time.time()   # restarted after the first validation
         self.train_seconds, self.tokens, self.since_log = 0.0, 0, [0.0, 0]
-
-    def begin(self):
-        self.t_start = time.time()
 
     def due(self, step):
         c = self.cfg
@@ -505,8 +486,8 @@ class _StopFlag:
     """SIGINT/SIGTERM set a flag; the loop saves after the current step and exits. A second Ctrl-C aborts."""
 
     def __enter__(self):
-        self.signum, self.previous = 0, {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT,
-                                                                                           signal.SIGTERM)}
+        self.signum = 0
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def _handle(self, signum, frame):
@@ -561,7 +542,7 @@ def train(draft, optimizer, batches, cfg, *, device, loss_fn, val_batches=None, 
     if cfg.start_step == 0 or not val_history:
         validate(cfg.start_step)
     step, losses, pending, stopped = cfg.start_step, [], [], None
-    progress.begin()
+    progress.t_start = time.time()
     with _StopFlag() as stop:
         while step < cfg.max_steps and not stopped:
             lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.min_lr, cfg.warmup)
@@ -585,7 +566,8 @@ def train(draft, optimizer, batches, cfg, *, device, loss_fn, val_batches=None, 
             # steps, so the stop flag travels there too (under torchrun a signal is seen at the next such step).
             if progress.due(step) or validate_now or save_now or stopped or (stop.signum and not dist.ddp):
                 *sums, n_stop = _reduce_sum(pending, stop.signum != 0, device, dist.ddp)
-                losses, pending = losses + [s / dist.world for s in sums], []
+                losses += [s / dist.world for s in sums]
+                pending = []
                 stopped = "signal" if n_stop > 0 else stopped
             progress.step(step, tokens * dist.world, time.time() - t0, None if pending else losses[-1], lr)
             if validate_now:

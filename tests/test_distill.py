@@ -149,6 +149,11 @@ def test_loss_mask_is_completion_only():
     keep = yb != IGNORE
     want = F.cross_entropy(logits[keep], yb[keep])
     assert torch.allclose(distill.make_loss_fn(None, "ce")(m, xb, yb), want, atol=1e-5)
+    # rows padded to a fixed length (cuda / hpu: one shape for every batch) score the same tokens
+    xf, yf = synthetic.pad_rows(rows, length=16)
+    assert xf.shape == yf.shape == (2, 16) and torch.equal(yf[:, :yb.size(1)], yb)
+    assert (yf[:, yb.size(1):] == IGNORE).all()
+    assert torch.allclose(distill.make_loss_fn(None, "ce")(m, xf, yf), want, atol=1e-5)
 
 
 def test_batches_resume_exactly_and_split_across_ranks():
