@@ -93,13 +93,13 @@ def parse_tasks(text):
     return tasks
 
 
-def parse_stages(draft, stages):
+def parse_stages(draft, stages, target=None):
     """--draft SPEC or --stages [NAME=]SPEC,... -> [(name, spec), ...], one entry per draft to evaluate; a stage
-    without a name is named after its folder (out/pt -> pt)."""
+    without a name is named after its folder (out/pt -> pt). Neither: the draft shipped for the target."""
     if draft and stages:
         raise UserError("give --draft or --stages, not both")
     if not draft and not stages:
-        raise UserError("--draft is required (or --stages NAME=SPEC,... to compare several drafts)")
+        draft = checkpoint.default_draft(target)
     if draft:
         return [("draft", draft)]
     out = {}
@@ -482,7 +482,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Benchmark drafts for speculative decoding (FastDraft-style tables).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--target", default="smollm2", help="target: HF folder, .gguf file, our folder, or smollm2")
-    p.add_argument("--draft", default=None, help="draft folder (or any model spec); required unless --stages")
+    p.add_argument("--draft", default=None, help="draft folder (or any model spec); default: the draft shipped for "
+                   "the target")
     p.add_argument("--stages", default=None, help="several drafts, comma list of [NAME=]SPEC (e.g. "
                                                    "PT=out/pt,CP=out/cp,FT=out/ft): a row each in the paper's table")
     p.add_argument("--tasks", default=",".join(TASKS),
@@ -508,7 +509,7 @@ def main(argv=None):
 
     # setup: check every flag before the slow parts, so a typo costs nothing
     tasks = parse_tasks(args.tasks)
-    stage_specs = parse_stages(args.draft, args.stages)
+    stage_specs = parse_stages(args.draft, args.stages, args.target)
     args.gamma = parse_numbers(args.gamma, int, "--gamma", 1)
     args.temperature = parse_numbers(args.temperature, float, "--temperature", 0)
     args.draft_threshold = parse_numbers(args.draft_threshold, float, "--draft-threshold", 0, 1)

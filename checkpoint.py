@@ -40,6 +40,19 @@ def resolve_spec(spec):
     return str(path)
 
 
+# Drafts this project trained and ships (each folder has a README card: how it was made, its bench table).
+SHIPPED_DRAFTS = {"smollm2": Path(__file__).resolve().parent / "drafts" / "smollm2-135m"}
+
+
+def default_draft(target_spec):
+    """The shipped draft for a target, used when no --draft is given; a UserError where there is none."""
+    path = SHIPPED_DRAFTS.get(str(target_spec))
+    if path is None or not (path / "config.json").is_file():
+        raise UserError(f"no --draft given and no shipped draft for target {target_spec!r}: train one "
+                        f"(python pretrain.py --target {target_spec}) and pass --draft DIR")
+    return str(path)
+
+
 def load_model(spec, device="cpu", dtype=None):
     """Load a model in eval mode: our folder | HF Llama/Mistral/Phi-3 folder | llama.cpp .gguf | "smollm2".
 

@@ -404,8 +404,8 @@ def main():
     ap = argparse.ArgumentParser(description="Speculative decoding with a draft model (exact: the output is "
                                              "distributed as the target's own samples).")
     ap.add_argument("--target", default="smollm2", help="target model: our folder, HF folder, .gguf or 'smollm2'")
-    ap.add_argument("--draft", required=True, help="draft model with the target's vocabulary (same spec forms; "
-                                                   "'smollm2' uses the target as its own draft)")
+    ap.add_argument("--draft", default=None, help="draft model with the target's vocabulary (same spec forms; "
+                    "'smollm2' uses the target as its own draft; default: the draft shipped for the target)")
     ap.add_argument("--prompt", default="The three most useful ideas in computer science are", help="prompt text")
     ap.add_argument("--chat", action="store_true", help="wrap the prompt in the target's chat template")
     ap.add_argument("--gamma", type=int, default=3, help="draft tokens per round (with a threshold: the most)")
@@ -432,6 +432,7 @@ def main():
         raise common.UserError("the prompt is empty: pass --prompt TEXT")
     _check_settings(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.gamma, args.draft_threshold)
     checkpoint.resolve_spec(args.target)
+    args.draft = args.draft or checkpoint.default_draft(args.target)
     checkpoint.resolve_spec(args.draft)
 
     device = common.pick_device(args.device)

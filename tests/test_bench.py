@@ -235,7 +235,7 @@ def test_bad_inputs_give_clear_errors(models, monkeypatch):
             "--max-new-tokens", "2", "--gamma", "1", "--temperature", "0"]
     with pytest.raises(UserError, match="unknown task 'poetry'"):
         run_main(base + ["--tasks", "code,poetry"])
-    with pytest.raises(UserError, match="--draft is required"):
+    with pytest.raises(UserError, match="no shipped draft for target"):
         run_main(["--target", models["target"], "--tasks", "code"])
     with pytest.raises(UserError, match="unavailable"):  # offline: the hub cannot be reached
         run_main(base + ["--tasks", "summarize=hf:cnn_dailymail:3.0.0:test:article"])
