@@ -49,6 +49,7 @@ import data
 import checkpoint
 import common
 import speculative
+import synthetic
 import tokenizer
 from common import UserError
 
@@ -56,7 +57,6 @@ TASKS = ("code", "text", "summarize", "instruct")
 CHAT_TASKS = ("summarize", "instruct")  # wrapped in the target's chat template; code and text are plain completion
 INSTRUCTIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_instructions.jsonl")  # in the repo
 PROSE = "builtin:prose"  # data.py's held-out split of its offline prose corpus: never seen in training
-TEXT_TOKENS = (100, 200)  # a text prompt is a passage's opening, cut at a sentence end inside this many tokens
 SUMMARIZE_TOKENS = (200, 300)  # the passage inside a summarization prompt (CNN/DM articles are longer; CPU-sized)
 SUMMARIZE_INSTRUCTION = "Summarize the following passage in two or three sentences.\n\n{passage}"
 JSON_FIELDS = ("prompt", "instruction", "text", "article", "document", "content", "question")
@@ -189,22 +189,9 @@ def read_task(task, source, limit):
         return read_file(source, limit)
     if task in ("text", "summarize"):  # any data spec data.py reads: builtin:prose, fineweb, a glob of .txt files
         # passages long enough to cut a prompt of the wanted size from (~4 characters per token)
-        return data.prose_passages(source, limit, 4 * (TEXT_TOKENS if task == "text" else SUMMARIZE_TOKENS)[0])
+        lo = (synthetic.TEXT_TOKENS if task == "text" else SUMMARIZE_TOKENS)[0]
+        return data.prose_passages(source, limit, 4 * lo)
     raise UserError(f"task {task!r}: source {source!r} is not a file or an hf: data set")
-
-
-def cut_passage(tok, text, lo, hi):
-    """The opening of a passage, at most `hi` tokens, ending at a sentence end if that keeps at least `lo` tokens
-    (else at a word end): prompts that stop mid-word would measure the draft on broken tokens."""
-    ids = tok.encode(text)
-    if len(ids) <= hi:
-        return text.strip()
-    head = tok.decode(ids[:hi])
-    for end in (". ", "! ", "? ", "\n", " "):
-        cut = head.rfind(end)
-        if cut > 0 and (end == " " or len(tok.encode(head[:cut + 1])) >= lo):
-            return head[:cut + 1].strip()
-    return head
 
 
 def task_prompts(task, texts, tok):
@@ -214,10 +201,10 @@ def task_prompts(task, texts, tok):
         if task == "code":
             ids = tok.encode(text)
         elif task == "text":
-            ids = tok.encode(cut_passage(tok, text, *TEXT_TOKENS))
+            ids = tok.encode(synthetic.cut_passage(tok, text, *synthetic.TEXT_TOKENS))
         else:  # CHAT_TASKS
             content = text.strip() if task == "instruct" else \
-                SUMMARIZE_INSTRUCTION.format(passage=cut_passage(tok, text, *SUMMARIZE_TOKENS))
+                SUMMARIZE_INSTRUCTION.format(passage=synthetic.cut_passage(tok, text, *SUMMARIZE_TOKENS))
             ids = tok.chat([{"role": "user", "content": content}])
         if ids:
             prompts.append(list(ids))

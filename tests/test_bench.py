@@ -217,7 +217,7 @@ def test_task_prompts_have_the_paper_shapes(models):
     assert code == bench.read_task("code", None, 3) and all(c.lstrip().startswith(("def", "from", "import"))
                                                             for c in code)
     ids = bench.task_prompts("text", bench.read_task("text", None, 2), tok)
-    assert all(len(x) <= bench.TEXT_TOKENS[1] for x in ids)
+    assert all(len(x) <= bench.synthetic.TEXT_TOKENS[1] for x in ids)
     for task in bench.CHAT_TASKS:
         for x in bench.task_prompts(task, bench.read_task(task, None, 2), tok):
             assert x[0] == tok.bos_id and tok.decode(x).rstrip().endswith("assistant")
