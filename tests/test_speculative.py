@@ -424,6 +424,22 @@ def test_greedy_speculative_equals_autoregressive_smollm2(smollm2):
     assert 0 < accepted < drafted
 
 
+def test_shipped_draft_is_smollm2s_default_and_decodes_exactly(smollm2, smollm2_tok):
+    """drafts/smollm2-135m is what speculative.py and bench.py use for SmolLM2 without --draft: the target's
+    vocabulary, a trimmed head that keeps the stop tokens, and greedy SD == AR with it in float32."""
+    path = checkpoint.default_draft("smollm2")
+    draft = checkpoint.load_model(path)
+    assert draft.config.vocab_size == smollm2.config.vocab_size
+    assert tokenizer.load_tokenizer(path).fingerprint() == smollm2_tok.fingerprint()
+    ids = set(draft.head_ids.tolist())
+    assert len(ids) == len(draft.head_ids) < draft.config.vocab_size and smollm2_tok.stop_ids <= ids
+    assert draft.num_params() < smollm2.num_params() / 5
+    prompt = smollm2_tok.chat([{"role": "user", "content": "Write a Python function that reverses a string."}])
+    ar, _ = S.autoregressive(smollm2, prompt, 24, temperature=0.0)
+    sd, stats = S.generate(smollm2, draft, prompt, 24, gamma=3, temperature=0.0)
+    assert sd == ar and stats["accepted"] > 0
+
+
 def test_bfloat16_speculative_decoding_is_exact_up_to_rounding(smollm2):
     """What exactness means in bf16. verify() is exact for the p it is given; in bf16 the target's p for a token
     scored inside a (gamma+1)-token forward differs from the one-token forward's by rounding (bf16 keeps 8 bits
