@@ -478,8 +478,8 @@ def main(argv=None):
                         "hf:DATASET[:CONFIG][:SPLIT][:FIELD], a .jsonl or .txt file, or (text, summarize) a data spec")
     p.add_argument("--limit", type=int, default=10, help="prompts per task (a fixed, evenly spread choice)")
     p.add_argument("--gamma", default="1,3,5", help="lookaheads to try, comma list (the most, with a threshold)")
-    p.add_argument("--draft-threshold", default="0", metavar="P", help="thresholds to try, comma list: stop "
-                   "drafting where the draft's top probability < P (0 = off: always gamma)")
+    p.add_argument("--draft-threshold", default=str(speculative.DEFAULT_THRESHOLD), metavar="P", help="thresholds to "
+                   "try, comma list: stop drafting where the draft's top probability < P (0 = off: always gamma)")
     p.add_argument("--temperature", default="0,0.6", help="temperatures to try, comma list (0 = greedy)")
     p.add_argument("--top-k", type=int, default=None, help="top-k filter for both models")
     p.add_argument("--top-p", type=float, default=None, help="top-p filter for both models")

@@ -561,6 +561,7 @@ def test_cli_compare_times_a_silent_run_and_reports_both(tmp_path, monkeypatch, 
     monkeypatch.setattr(S, "generate", spy)
     monkeypatch.setattr(sys, "argv", ["speculative.py", "--target", str(tmp_path / "m"), "--draft",
                                       str(tmp_path / "m"), "--temperature", "0", "--max-new-tokens", "6",
+                                      "--draft-threshold", "0",   # a random model's flat q would draft nothing
                                       "--device", "cpu", "--compare", "--compile", "--json", str(tmp_path / "r.json"),
                                       "--prompt", "Once upon a time"])
     S.main()
