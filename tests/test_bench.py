@@ -42,7 +42,7 @@ def run_main(argv):
 
 
 def check_row(r, max_new):
-    """Every aggregate of a result row is the ratio of totals its definition says (DESIGN.md, Metrics)."""
+    """Every aggregate of a result row is the ratio of totals its definition says (README, "The numbers")."""
     gamma, gamma_eff = r["gamma"], r["effective_gamma"]
     assert r["block_efficiency"] == pytest.approx(r["new_tokens"] / r["target_forwards"])
     assert 1.0 <= r["block_efficiency"] <= gamma + 1
