@@ -1,25 +1,28 @@
 """
-Reading and writing model weights: our own folders and Hugging Face Llama / Mistral / Phi-3 folders
-(safetensors), llama.cpp GGUF files (the one GGUF reader of the project, also used for GGUF tokenizers), the
-`smollm2` alias, and saving a draft in the Hugging Face Llama layout so `transformers` loads it as is.
+Reading and writing model weights: our own folders and Hugging Face Llama / Mistral / Phi-3 folders (safetensors),
+llama.cpp GGUF files (the one GGUF reader of the project, also used for GGUF tokenizers), the `smollm2` alias, and
+saving a draft in the Hugging Face Llama layout so `transformers` loads it as is.
 """
 
-import importlib.util
 import hashlib
+import importlib.util
 import json
+import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from common import UserError, parse_dtype
-from model import ModelConfig, Transformer, rope_frequencies
-
-# Loading
+from model import LLAMA3_ROPE, ModelConfig, Transformer, rope_frequencies
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Phi3ForCausalLM")
+HEAD_VOCAB = "head_vocab.json"  # a trimmed head's token ids, beside config.json (like EAGLE-3's d2t map)
+# Drafts this project trained and ships (each folder has a README card: how it was made, its bench table).
+SHIPPED_DRAFTS = {"smollm2": Path(__file__).resolve().parent / "drafts" / "smollm2-135m"}
 
 
 def resolve_spec(spec):
@@ -40,10 +43,6 @@ def resolve_spec(spec):
     return str(path)
 
 
-# Drafts this project trained and ships (each folder has a README card: how it was made, its bench table).
-SHIPPED_DRAFTS = {"smollm2": Path(__file__).resolve().parent / "drafts" / "smollm2-135m"}
-
-
 def default_draft(target_spec):
     """The shipped draft for a target, used when no --draft is given; a UserError where there is none."""
     path = SHIPPED_DRAFTS.get(str(target_spec))
@@ -55,57 +54,44 @@ def default_draft(target_spec):
 
 def load_model(spec, device="cpu", dtype=None):
     """Load a model in eval mode: our folder | HF Llama/Mistral/Phi-3 folder | llama.cpp .gguf | "smollm2".
-
     dtype None keeps the checkpoint's dtype (float32 for GGUF, which is dequantized)."""
-    device = torch.device(device)
-    dtype = parse_dtype(dtype) if not isinstance(dtype, torch.dtype) else dtype
+    device, dtype = torch.device(device), parse_dtype(dtype)
     path = Path(resolve_spec(spec))
     if path.is_dir():
-        config, tensors, ckpt_dtype = _read_hf_folder(path)
+        config, tensors, ckpt_dtype, head_ids = _read_hf_folder(path)
     elif path.suffix.lower() == ".gguf" or _has_gguf_magic(path):
-        config, tensors, ckpt_dtype = _read_gguf(path)
+        config, tensors, ckpt_dtype, head_ids = _read_gguf(path)
     else:
         raise UserError(f"{path} is neither a model folder (config.json + *.safetensors) nor a .gguf file")
     if config.tokenizer is None:
         config.tokenizer = str(spec) if str(spec) == "smollm2" else str(path)
-    dtype = dtype or ckpt_dtype
-    # Build the module without memory (meta device), then take the loaded tensors as its parameters.
-    with torch.device("meta"):
+    with torch.device("meta"):  # build the module without memory, then take the loaded tensors as its parameters
         model = Transformer(config)
-    state = _fuse((name, t.to(device=device, dtype=dtype)) for name, t in tensors)
-    expected = set(model.state_dict())
-    missing, unexpected = expected - set(state), set(state) - expected
+    state = _fuse((name, t.to(device=device, dtype=dtype or ckpt_dtype)) for name, t in tensors)
+    expected = model.state_dict()
+    missing, unexpected = set(expected) - set(state), set(state) - set(expected)
     if missing or unexpected:
         raise UserError(f"{path}: weights do not match the config (missing {sorted(missing)[:3]}, "
                         f"unexpected {sorted(unexpected)[:3]})")
-    for name, p in model.state_dict().items():
-        if tuple(p.shape) != tuple(state[name].shape):
+    for name, p in expected.items():
+        if p.shape != state[name].shape:
             raise UserError(f"{path}: {name} has shape {tuple(state[name].shape)}, config says {tuple(p.shape)}")
     model.load_state_dict(state, assign=True)
     model.reset_rope()
-    if path.is_dir():
-        head_ids = read_head_vocab(path)
-        if head_ids is not None:
-            model.trim_head(head_ids)
+    if head_ids is not None:
+        model.trim_head(head_ids)
     return model.eval()
-
-
-HEAD_VOCAB = "head_vocab.json"  # a trimmed head's token ids, beside config.json (like EAGLE-3's d2t map)
 
 
 def _ids_digest(ids):
     return hashlib.sha256(json.dumps(list(ids)).encode()).hexdigest()[:16]
 
 
-def read_head_vocab(folder):
-    """The token ids of a trimmed draft head, checked against the size and digest its config.json records."""
-    try:
-        ours = json.loads((Path(folder) / "config.json").read_text()).get("fastdraft") or {}
-    except (OSError, json.JSONDecodeError):
-        return None
+def _head_vocab(folder, ours):
+    """The token ids of a trimmed draft head, checked against the size and digest config.json's `ours` records."""
     if not ours.get("head_vocab"):
         return None
-    path = Path(folder) / HEAD_VOCAB
+    path = folder / HEAD_VOCAB
     try:
         ids = json.loads(path.read_text())["ids"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
@@ -124,13 +110,12 @@ def _fuse(tensors):
     piece_of = {p: (fused, i) for fused, pieces in _FUSED.items() for i, p in enumerate(pieces)}
     state, pending = {}, {}
     for name, t in tensors:
-        parts = name.split(".")  # e.g. ["layers", "3", "self_attn", "q_proj", "weight"]
-        module = ".".join(parts[2:-1])
-        if parts[0] != "layers" or module not in piece_of:
+        module = name.split(".", 2)[-1].removesuffix(".weight")  # "layers.3.mlp.up_proj.weight" -> "mlp.up_proj"
+        if not name.startswith("layers.") or module not in piece_of:
             state[name] = t
             continue
         fused, i = piece_of[module]
-        key = f"layers.{parts[1]}.{fused}.weight"
+        key = name.replace(module, fused)
         got = pending.setdefault(key, [None] * len(_FUSED[fused]))
         got[i] = t
         if all(p is not None for p in got):  # complete: concatenate and let the pieces go
@@ -145,18 +130,15 @@ def hf_state_dict(model):
     """Our state dict under Hugging Face Llama names (fused projections split), tensors on the CPU."""
     c = model.config
     q_rows, kv_rows = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    rows = {"self_attn.qkv_proj": [q_rows, kv_rows, kv_rows], "mlp.gate_up_proj": [c.ffn_dim, c.ffn_dim]}
     out = {}
     for name, t in model.state_dict().items():
         t = t.detach().to("cpu")
         key = name if name.startswith("lm_head.") else "model." + name
-        if name.endswith("self_attn.qkv_proj.weight"):
-            base = key[: -len("qkv_proj.weight")]
-            for piece, part in zip(("q_proj", "k_proj", "v_proj"), t.split([q_rows, kv_rows, kv_rows])):
-                out[f"{base}{piece}.weight"] = part.contiguous()
-        elif name.endswith("mlp.gate_up_proj.weight"):
-            base = key[: -len("gate_up_proj.weight")]
-            gate, up = t.chunk(2)
-            out[base + "gate_proj.weight"], out[base + "up_proj.weight"] = gate.contiguous(), up.contiguous()
+        fused = name.split(".", 2)[-1].removesuffix(".weight")  # "layers.3.mlp.up_proj.weight" -> "mlp.up_proj"
+        if fused in _FUSED:
+            for piece, part in zip(_FUSED[fused], t.split(rows[fused])):
+                out[key.replace(fused, piece)] = part.contiguous()
         elif name == "lm_head.weight" and model.head_ids is not None:
             # a trimmed untied head is stored with all V rows (zeros outside the subset) so transformers loads it
             full = t.new_zeros(c.vocab_size, t.size(1))
@@ -178,7 +160,7 @@ def _has_gguf_magic(path):
 # -- Hugging Face folders (and ours, which are HF Llama folders with a "fastdraft" entry) --
 
 def _read_hf_folder(folder):
-    """config.json + *.safetensors -> (ModelConfig, iterator of (our name, tensor), stored dtype)."""
+    """config.json + *.safetensors -> (ModelConfig, iterator of (our name, tensor), stored dtype, head ids)."""
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise UserError(f"{folder} is not a model folder (no config.json)")
@@ -193,11 +175,9 @@ def _read_hf_folder(folder):
         raise UserError(f"{folder}: architecture {arch} is not supported (supported: "
                         f"{', '.join(SUPPORTED_ARCHITECTURES)})")
     config = _config_from_hf(hf, folder)
-    files = _safetensors_files(folder)
-    stored = hf.get("torch_dtype") or hf.get("dtype") or "float32"
-    ckpt_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
-        stored, torch.float32)
-    return config, _hf_tensors(files, config), ckpt_dtype
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(hf.get("torch_dtype") or hf.get("dtype"))
+    files, head_ids = _safetensors_files(folder), _head_vocab(folder, hf.get("fastdraft") or {})
+    return config, _hf_tensors(files, config), dtype or torch.float32, head_ids
 
 
 def _config_from_hf(hf, folder):
@@ -209,20 +189,15 @@ def _config_from_hf(hf, folder):
     # transformers 5 writes "rope_parameters" (theta and scaling together); older configs "rope_theta"+"rope_scaling"
     rp = hf.get("rope_parameters") or {}
     theta = rp.get("rope_theta", hf.get("rope_theta", 10000.0))
-    scaling = dict(rp) if rp else (dict(hf["rope_scaling"]) if hf.get("rope_scaling") else None)
-    if scaling is not None:
-        scaling.pop("rope_theta", None)
-        kind = scaling.get("rope_type", scaling.get("type", "default"))
-        if kind == "default":
-            scaling = None
-        else:
-            scaling["rope_type"] = kind
-            scaling.pop("type", None)
-            rope_frequencies(ModelConfig(dim=64, n_heads=1, n_kv_heads=1, rope_scaling=scaling))  # validates
-    max_len = hf.get("max_position_embeddings", 2048)
+    scaling = dict(rp or hf.get("rope_scaling") or {})
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    for key in ("rope_theta", "type"):
+        scaling.pop(key, None)
+    scaling = None if kind == "default" else {**scaling, "rope_type": kind}
+    if scaling:  # an unsupported kind is a UserError now, not at the first forward
+        rope_frequencies(ModelConfig(dim=64, n_heads=1, n_kv_heads=1, rope_scaling=scaling))
     # We attend to the whole context; a sliding window (Mistral v0.1, Phi-3) only differs beyond it.
-    if hf.get("sliding_window"):
-        max_len = min(max_len, hf["sliding_window"])
+    max_len = min(hf.get("max_position_embeddings", 2048), hf.get("sliding_window") or math.inf)
     eos = hf.get("eos_token_id")
     eos_list = eos if isinstance(eos, list) else ([] if eos is None else [eos])
     ours = hf.get("fastdraft") or {}
@@ -240,43 +215,38 @@ def _config_from_hf(hf, folder):
 
 def _safetensors_files(folder):
     index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError) as e:
-            raise UserError(f"{index} is not a valid safetensors index: {e}")
-        files = [folder / n for n in names]
-        for f in files:
-            if not f.is_file():
-                raise UserError(f"{index} lists {f.name}, which is missing")
+    if not index.is_file():
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise UserError(f"{folder} has a config.json but no *.safetensors weights")
         return files
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise UserError(f"{folder} has a config.json but no *.safetensors weights")
+    try:
+        files = [folder / n for n in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    except (json.JSONDecodeError, KeyError, AttributeError) as e:
+        raise UserError(f"{index} is not a valid safetensors index: {e}")
+    for f in files:
+        if not f.is_file():
+            raise UserError(f"{index} lists {f.name}, which is missing")
     return files
 
 
 def _hf_tensors(files, config):
-    """Yield (our name, tensor) from HF safetensors files; Phi-3's fused projections are split here."""
+    """Yield (our name, tensor) from HF safetensors files. Phi-3's fused qkv_proj ([q; k; v] rows) and gate_up_proj
+    ([gate; up]) are our layout already; Llama's separate projections are fused by _fuse()."""
     from safetensors import SafetensorError, safe_open
-    c = config
-    q_rows, kv_rows = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    qkv_rows = (config.n_heads + 2 * config.n_kv_heads) * config.head_dim
     for f in files:
         try:
             with safe_open(f, framework="pt") as st:
                 for key in st.keys():
-                    t = st.get_tensor(key)
-                    name = key[len("model."):] if key.startswith("model.") else key
-                    if name.endswith("rotary_emb.inv_freq"):
+                    name = key.removeprefix("model.")
+                    # some tied checkpoints store the head copy too
+                    if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and config.tie_embeddings):
                         continue
-                    # Phi-3's fused qkv_proj ([q; k; v] rows) and gate_up_proj ([gate; up]) are our layout
-                    # already; Llama's separate projections are fused by _fuse().
-                    if name.endswith("qkv_proj.weight") and t.size(0) != q_rows + 2 * kv_rows:
-                        raise UserError(f"{f}: {key} has {t.size(0)} rows, config says {q_rows + 2 * kv_rows}")
-                    if name == "lm_head.weight" and c.tie_embeddings:
-                        continue  # some tied checkpoints store the head copy too
-                    else:
-                        yield name, t
+                    t = st.get_tensor(key)
+                    if name.endswith("qkv_proj.weight") and t.size(0) != qkv_rows:
+                        raise UserError(f"{f}: {key} has {t.size(0)} rows, config says {qkv_rows}")
+                    yield name, t
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise UserError(f"{f} is corrupt or truncated ({str(e).splitlines()[0][:120]})")
 
@@ -284,22 +254,18 @@ def _hf_tensors(files, config):
 # -- llama.cpp GGUF files --
 
 def _read_gguf(path):
-    """A llama-architecture GGUF -> (ModelConfig, iterator of (our name, float32 tensor), float32)."""
+    """A llama-architecture GGUF -> (ModelConfig, iterator of (our name, float32 tensor), float32, None)."""
+    import gguf
     try:
-        import gguf
         reader = gguf.GGUFReader(str(path))
-    except ImportError:
-        raise UserError("reading .gguf files needs the gguf package: pip install gguf")
     except Exception as e:  # the reader raises ValueError / IndexError / struct errors on damaged files
         raise UserError(f"{path} is not a readable GGUF file ({type(e).__name__}: {str(e)[:100]})")
 
     def meta(key, default=...):  # a metadata value; `...` marks the keys a llama file must have
         f = reader.fields.get(key)
-        if f is None:
-            if default is ...:
-                raise UserError(f"{path}: GGUF metadata lacks {key}")
-            return default
-        return f.contents()
+        if f is None and default is ...:
+            raise UserError(f"{path}: GGUF metadata lacks {key}")
+        return default if f is None else f.contents()
 
     arch = meta("general.architecture", None)
     if arch != "llama":
@@ -320,7 +286,6 @@ def _read_gguf(path):
     theta = float(meta("llama.rope.freq_base", 10000.0))
     if "rope_freqs.weight" in tensors:
         scaling = _llama3_scaling_from_rope_freqs(path, tensors["rope_freqs.weight"], theta, head_dim)
-    eos = meta("tokenizer.ggml.eos_token_id", None)
     config = ModelConfig(
         vocab_size=vocab, dim=dim, n_layers=int(meta("llama.block_count")), n_heads=n_heads,
         n_kv_heads=int(meta("llama.attention.head_count_kv", n_heads)),
@@ -328,19 +293,17 @@ def _read_gguf(path):
         rope_theta=theta, rope_scaling=scaling,
         norm_eps=float(meta("llama.attention.layer_norm_rms_epsilon", 1e-5)),
         tie_embeddings="output.weight" not in tensors, head_dim=head_dim,
-        bos_id=meta("tokenizer.ggml.bos_token_id", None), eos_id=eos)
-    return config, _gguf_tensors(path, tensors, config), torch.float32
+        bos_id=meta("tokenizer.ggml.bos_token_id", None), eos_id=meta("tokenizer.ggml.eos_token_id", None))
+    return config, _gguf_tensors(path, tensors, config), torch.float32, None
 
 
 def gguf_metadata(path, keys):
     """{key: value} for those of `keys` in a GGUF file's metadata (e.g. its tokenizer), tensors not touched.
-
     Walks the key/value section with the gguf package's value types; GGUFReader itself builds a numpy view per
     string, which takes seconds for a 49k-token vocabulary where this takes a few hundredths of one."""
     import mmap
     import struct
     import gguf
-    import numpy as np
     T, keys, out = gguf.GGUFValueType, set(keys), {}
     scalar = {t: np.dtype(d).newbyteorder("<") for t, d in gguf.GGUFReader.gguf_scalar_to_np.items()}
 
@@ -378,18 +341,17 @@ def _llama3_scaling_from_rope_freqs(path, t, theta, head_dim):
     """llama.cpp stores Llama-3.1's scaling as per-frequency divisors; recover the HF parameters from them."""
     import gguf
     freqs = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).float().flatten()
-    guess = {"rope_type": "llama3", "factor": float(freqs.max()), "low_freq_factor": 1.0,
-             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-    base = ModelConfig(dim=head_dim, n_heads=1, n_kv_heads=1, rope_theta=theta)
-    plain = rope_frequencies(base)
-    scaled = rope_frequencies(ModelConfig(dim=head_dim, n_heads=1, n_kv_heads=1, rope_theta=theta,
-                                          rope_scaling=guess))
+    guess = {**LLAMA3_ROPE, "factor": float(freqs.max())}  # Llama-3.1's other parameters
+    plain, scaled = (rope_frequencies(ModelConfig(dim=head_dim, n_heads=1, n_kv_heads=1, rope_theta=theta,
+                                                  rope_scaling=s)) for s in (None, guess))
     if not torch.allclose(plain / scaled, freqs, rtol=1e-3):
         raise UserError(f"{path}: rope_freqs.weight does not match Llama-3 rope scaling (not supported)")
     return guess
 
 
-_GGUF_NAMES = {  # llama.cpp tensor name -> ours (per layer names after "blk.N.")
+_GGUF_TOP = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight",
+             "output.weight": "lm_head.weight"}  # llama.cpp tensor name -> ours
+_GGUF_NAMES = {  # the same for the per layer names after "blk.N."
     "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
@@ -406,19 +368,13 @@ def _unpermute(w, n_heads):
 def _gguf_tensors(path, tensors, config):
     import gguf
     for gname, t in tensors.items():
-        if gname == "token_embd.weight":
-            name = "embed_tokens.weight"
-        elif gname == "output_norm.weight":
-            name = "norm.weight"
-        elif gname == "output.weight":
-            name = "lm_head.weight"
-        elif gname == "rope_freqs.weight":
+        parts = gname.split(".")  # e.g. ["blk", "3", "attn_q", "weight"]
+        if gname == "rope_freqs.weight":  # read by _read_gguf
             continue
-        elif gname.startswith("blk."):
-            _, n, kind, _ = gname.split(".", 3)
-            if kind not in _GGUF_NAMES:
-                raise UserError(f"{path}: unexpected tensor {gname} (not a plain llama model)")
-            name = f"layers.{n}.{_GGUF_NAMES[kind]}.weight"
+        if gname in _GGUF_TOP:
+            name = _GGUF_TOP[gname]
+        elif parts[0] == "blk" and len(parts) == 4 and parts[2] in _GGUF_NAMES:
+            name = f"layers.{parts[1]}.{_GGUF_NAMES[parts[2]]}.weight"
         else:
             raise UserError(f"{path}: unexpected tensor {gname} (not a plain llama model)")
         try:
@@ -428,9 +384,7 @@ def _gguf_tensors(path, tensors, config):
             raise UserError(f"{path}: {gname} uses quantization {t.tensor_type.name}, which is not supported")
         except Exception as e:
             raise UserError(f"{path} is corrupt or truncated ({gname}: {type(e).__name__})")
-        arr = arr.astype("float32", copy=False)
-        if not arr.flags.writeable:  # F32/F16 tensors come straight from the read-only memory map
-            arr = arr.copy()
+        arr = np.require(arr, np.float32, ["W"])  # F32/F16 tensors come straight from the read-only memory map
         w = torch.from_numpy(arr).reshape(tuple(int(s) for s in reversed(t.shape)))
         if gname.endswith("attn_q.weight"):
             w = _unpermute(w, config.n_heads)
@@ -444,9 +398,9 @@ def _gguf_tensors(path, tensors, config):
 
 def save_model(model, folder, extra=None):
     """Write config.json (HF LlamaForCausalLM layout + a "fastdraft" entry with the tokenizer spec and `extra`),
-    model.safetensors (HF names) and, for a trimmed head, head_vocab.json, atomically: a complete
-    folder.tmp-<pid> replaces the old folder. transformers ignores the subset: it loads the draft with a full head
-    (a tied head keeps its trained rows for every token; an untied one has zero rows outside the subset)."""
+    model.safetensors (HF names) and, for a trimmed head, head_vocab.json, atomically: a complete folder.tmp-<pid>
+    replaces the old folder. transformers ignores the subset: it loads the draft with a full head (a tied head keeps
+    its trained rows for every token; an untied one has zero rows outside the subset)."""
     from safetensors.torch import save_file
     c = model.config
     folder = Path(folder)
@@ -454,8 +408,6 @@ def save_model(model, folder, extra=None):
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    dtype = model.embed_tokens.weight.dtype
-    dtype_name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
     scaling = dict(c.rope_scaling) if c.rope_scaling else None
     hf = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
@@ -468,7 +420,7 @@ def save_model(model, folder, extra=None):
         "tie_word_embeddings": c.tie_embeddings, "bos_token_id": c.bos_id,
         "eos_token_id": c.eos_id if not c.eos_ids else [c.eos_id, *c.eos_ids],
         "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-        "torch_dtype": dtype_name,
+        "torch_dtype": str(model.embed_tokens.weight.dtype).removeprefix("torch."),
         "fastdraft": {"tokenizer": c.tokenizer, "eos_ids": list(c.eos_ids), **(extra or {})},
     }
     if model.head_ids is not None:

@@ -1,7 +1,4 @@
-"""
-What every script shares and none of them teaches: the user-error convention, the CLI runner, atomic file
-writes, and devices (picking one, its training dtype, autocast, syncing, Habana's mark_step).
-"""
+"""What every script shares and none of them teaches: user errors, the CLI runner, atomic writes, devices."""
 
 import importlib.util
 import json
@@ -11,6 +8,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+
 
 class UserError(Exception):
     """Bad input from the user (a path, a flag, a file): scripts print it as one line and exit 2."""
@@ -26,7 +24,6 @@ def run_cli(main):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-
 
 
 def write_atomic(path, text):
@@ -48,33 +45,30 @@ def write_json(path, obj):
 def pick_device(name="auto"):
     """torch.device for auto|cpu|cuda|mps|hpu; a UserError when the asked-for one is absent."""
     name = (name or "auto").lower()
+    has = {"hpu": _has_hpu, "cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available,
+           "cpu": lambda: True}
     if name == "auto":
-        if _hpu_available():
-            return torch.device("hpu")
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cpu":
-        return torch.device("cpu")
-    if name == "cuda" or name.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {name}: no CUDA GPU is available here")
-        return torch.device(name)
-    if name == "mps":
-        if not torch.backends.mps.is_available():
-            raise UserError("--device mps: Apple's Metal backend is not available here")
-        return torch.device("mps")
-    if name == "hpu":
-        try:
-            _import_habana()
-        except ImportError:
-            raise UserError("--device hpu needs Habana's PyTorch bridge (habana_frameworks), not installed here")
-        if not torch.hpu.is_available():
-            raise UserError("--device hpu: the Habana bridge is installed but no Gaudi device is available")
-        return torch.device("hpu")
-    raise UserError(f"unknown device {name!r} (choose auto, cpu, cuda, mps or hpu)")
+        return torch.device(next(kind for kind in ("hpu", "cuda", "mps", "cpu") if has[kind]()))
+    kind = "cuda" if name.startswith("cuda:") else name
+    if kind not in has:
+        raise UserError(f"unknown device {name!r} (choose auto, cpu, cuda, mps or hpu)")
+    if kind == "hpu" and importlib.util.find_spec("habana_frameworks") is None:
+        raise UserError("--device hpu needs Habana's PyTorch bridge (habana_frameworks), not installed here")
+    if not has[kind]():
+        absent = {"cuda": "no CUDA GPU is available here", "mps": "Apple's Metal backend is not available here",
+                  "hpu": "the Habana bridge is installed but no Gaudi device is available"}
+        raise UserError(f"--device {name}: {absent[kind]}")
+    return torch.device(name)
+
+
+def _has_hpu():
+    if importlib.util.find_spec("habana_frameworks") is None:
+        return False
+    try:
+        _import_habana()
+        return torch.hpu.is_available()
+    except Exception:  # a broken bridge: no usable hpu
+        return False
 
 
 def _import_habana():
@@ -86,9 +80,7 @@ def _import_habana():
 
 def hpu_lazy():
     """True when the Gaudi bridge runs in (legacy) lazy mode, where graphs accumulate until mark_step().
-
-    Eager mode (+ torch.compile) is the documented default of current Gaudi releases (docs.habana.ai, "PyTorch
-    Gaudi Theory of Operations"); PT_HPU_LAZY_MODE=1 in the shell selects lazy mode."""
+    Eager mode (+ torch.compile) is current Gaudi's default (docs.habana.ai, "PyTorch Gaudi Theory of Operations")."""
     try:
         from habana_frameworks.torch.utils.internal import is_lazy  # the bridge's own answer (optimum-habana uses it)
         return bool(is_lazy())
@@ -96,65 +88,10 @@ def hpu_lazy():
         return os.environ.get("PT_HPU_LAZY_MODE", "0") == "1"
 
 
-def has_float64(device):
-    """Gaudi has no float64 (Intel Gaudi Support Matrix), nor has Apple's Metal backend."""
-    return torch.device(device).type not in ("hpu", "mps")
-
-
-def cpu_has_bf16():
-    """True when this CPU has bf16 matrix instructions (AVX512-BF16 or AMX-BF16; Linux /proc/cpuinfo flags):
-    there bf16 matmuls run at about twice fp32's speed, elsewhere they are emulated and slower."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def decode_dtype(device, name="auto"):
-    """The --dtype flag of a decoding script -> the weights' dtype. auto: bf16 on cuda / hpu and on a CPU with bf16
-    matrix units (2.4x fp32's decoding speed on SmolLM2 with avx512_bf16), float32 elsewhere."""
-    dtype = parse_dtype(name)
-    if dtype is not None:
-        return dtype
-    device = torch.device(device)
-    if device.type in ("cuda", "hpu") or (device.type == "cpu" and cpu_has_bf16()):
-        return torch.bfloat16
-    return torch.float32
-
-
-def _hpu_available():
-    if importlib.util.find_spec("habana_frameworks") is None:
-        return False
-    try:
-        _import_habana()
-        return torch.hpu.is_available()
-    except Exception:
-        return False
-
-
-def train_dtype(device, name):
-    """The --dtype flag of a training script -> the autocast dtype of each step (None: full precision).
-
-    auto: bf16 on cuda/hpu, full precision on cpu/mps. bfloat16 turns autocast on for the cpu too (worth it where
-    the cpu has bf16 matrix units). float16 would need loss scaling, which our training loop does not do."""
-    device = torch.device(device)
-    dtype = parse_dtype(name)
-    if dtype is None:
-        return torch.bfloat16 if device.type in ("cuda", "hpu") else None
-    if dtype == torch.float16:
-        raise UserError("--dtype float16 needs loss scaling, which this training loop does not do: use bfloat16")
-    if dtype != torch.float32 and device.type == "mps":
-        raise UserError(f"--dtype {name}: no autocast on mps here; use float32")
-    return None if dtype == torch.float32 else dtype
-
-
-def autocast(device, dtype=None):
-    """Mixed precision for one training step, in train_dtype()'s dtype; None (or float32): full precision."""
-    if dtype in (None, torch.float32):
-        return nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=dtype)
+def mark_step(device):
+    """In Habana's lazy mode, cut the accumulated graph and run it (after backward, after optimizer.step())."""
+    if torch.device(device).type == "hpu" and hpu_lazy():
+        _import_habana().mark_step()
 
 
 def sync(device):
@@ -169,18 +106,56 @@ def sync(device):
         torch.hpu.synchronize()
 
 
-def mark_step(device):
-    """In Habana's lazy mode, cut the accumulated graph and run it (after backward, after optimizer.step())."""
-    if torch.device(device).type == "hpu" and hpu_lazy():
-        _import_habana().mark_step()
+def has_float64(device):
+    """Gaudi has no float64 (Intel Gaudi Support Matrix), nor has Apple's Metal backend."""
+    return torch.device(device).type not in ("hpu", "mps")
+
+
+def cpu_has_bf16():
+    """True when this CPU has bf16 matrix instructions (AVX512-BF16 or AMX-BF16; Linux /proc/cpuinfo flags):
+    there bf16 matmuls run at about twice fp32's speed, elsewhere they are emulated and slower."""
+    try:
+        return bool({"avx512_bf16", "amx_bf16"} & set(Path("/proc/cpuinfo").read_text().split()))
+    except OSError:
+        return False
+
+
+_DTYPES = {"auto": None, None: None, "float32": torch.float32, "fp32": torch.float32,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
 def parse_dtype(name):
     """"auto" -> None (the checkpoint's own), else float32 | bfloat16 | float16 (short names accepted)."""
-    names = {"auto": None, None: None, "float32": torch.float32, "fp32": torch.float32,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
     if isinstance(name, torch.dtype):
         return name
-    if name not in names:
+    if name not in _DTYPES:
         raise UserError(f"unknown dtype {name!r} (choose auto, float32, bfloat16 or float16)")
-    return names[name]
+    return _DTYPES[name]
+
+
+def decode_dtype(device, name="auto"):
+    """The --dtype flag of a decoding script -> the weights' dtype. auto: bf16 on cuda / hpu and on a CPU with bf16
+    matrix units (2.4x fp32's decoding speed on SmolLM2 with avx512_bf16), float32 elsewhere."""
+    kind = torch.device(device).type
+    bf16 = kind in ("cuda", "hpu") or (kind == "cpu" and cpu_has_bf16())
+    return parse_dtype(name) or (torch.bfloat16 if bf16 else torch.float32)
+
+
+def train_dtype(device, name):
+    """The --dtype flag of a training script -> the autocast dtype of each step (None: full precision).
+    auto: bf16 on cuda/hpu, full precision on cpu/mps; bfloat16 turns autocast on for the cpu too."""
+    kind, dtype = torch.device(device).type, parse_dtype(name)
+    if dtype is None:
+        return torch.bfloat16 if kind in ("cuda", "hpu") else None
+    if dtype == torch.float16:
+        raise UserError("--dtype float16 needs loss scaling, which this training loop does not do: use bfloat16")
+    if dtype != torch.float32 and kind == "mps":
+        raise UserError(f"--dtype {name}: no autocast on mps here; use float32")
+    return None if dtype == torch.float32 else dtype
+
+
+def autocast(device, dtype=None):
+    """Mixed precision for one training step, in train_dtype()'s dtype; None (or float32): full precision."""
+    if dtype in (None, torch.float32):
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)

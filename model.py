@@ -1,12 +1,10 @@
 """
-The draft (and target) transformer: a Llama-family decoder written by hand, its static KV cache and the
-draft size presets. Reading and writing weights is checkpoint.py's job; devices are common.py's.
+The draft (and target) transformer: a Llama-family decoder written by hand, its static KV cache, draft presets.
 
-FastDraft (Zafrir et al. 2024, arXiv 2411.11055) trains small Llama-style drafts that share the target's
-vocabulary; speculative decoding (Leviathan et al. 2023) needs both models to decode incrementally and to
-roll back cheaply after a rejection. Both needs shape this file: one architecture covers the targets we load
-(SmolLM2, Llama-3, Mistral, Phi-3 are all "Llama with small changes") and the drafts we train, and the KV
-cache is a static buffer written at explicit positions, so rolling back is just writing from an earlier
+FastDraft (Zafrir et al. 2024, arXiv 2411.11055) trains small Llama-style drafts that share the target's vocabulary;
+speculative decoding (Leviathan et al. 2023) needs both models to decode incrementally and to roll back cheaply.
+So one architecture covers the targets (SmolLM2, Llama-3, Mistral, Phi-3: "Llama with small changes") and the
+drafts, and the KV cache is a static buffer written at explicit positions: rolling back is writing from an earlier
 position next time (gpt-fast's design).
 """
 
@@ -19,9 +17,6 @@ import torch.nn.functional as F
 
 from common import UserError
 
-
-# -----------------------------------------------------------------------------
-# Configuration and presets
 
 @dataclass
 class ModelConfig:
@@ -56,27 +51,23 @@ class ModelConfig:
 # while width is nearly free until the matmuls become memory bound. The embedding table (tied to the head,
 # as in SmolLM2) is most of a small draft's parameters at a 49k-128k vocabulary.
 #   tiny           : tests only.
-#   cpu-small      : 4 x 256,  ~3.1M non-embedding + 12.6M embedding at 49k vocab. Default CPU draft for
-#                    SmolLM2-135M (30 x 576): ~1/7 of its depth, so a draft step is a small fraction of a target step.
-#   cpu-base       : 6 x 288,  ~5.3M non-embedding + 14.2M embedding at 49k vocab (~19.5M total).
-#   fastdraft-50m  : 4 x 768,  ~25.2M non-embedding + 24.6M embedding at Phi-3's 32064 vocab (~49.8M total).
-#   fastdraft-150m : 8 x 768,  ~50.3M non-embedding + 98.5M embedding at Llama-3's 128256 vocab (~149M total),
+#   cpu-small      : 4 x 256, ~3.1M non-embedding + 12.6M embedding at 49k vocab. Default CPU draft for SmolLM2-135M
+#                    (30 x 576): ~1/7 of its depth, so a draft step is a small fraction of a target step.
+#   cpu-base       : 6 x 288, ~5.3M non-embedding + 14.2M embedding at 49k vocab (~19.5M total).
+#   fastdraft-50m  : 4 x 768, ~25.2M non-embedding + 24.6M embedding at Phi-3's 32064 vocab (~49.8M total).
+#   fastdraft-150m : 8 x 768, ~50.3M non-embedding + 98.5M embedding at Llama-3's 128256 vocab (~149M total),
 #                    with Llama-3's rope theta and frequency scaling so its positions behave like the target's.
 # vocab_size here is replaced by the tokenizer's vocabulary at train time.
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
 PRESETS = {
-    "tiny": ModelConfig(vocab_size=49152, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,
-                        max_seq_len=256),
-    "cpu-small": ModelConfig(vocab_size=49152, dim=256, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=768,
-                             max_seq_len=2048, rope_theta=100000.0),
-    "cpu-base": ModelConfig(vocab_size=49152, dim=288, n_layers=6, n_heads=6, n_kv_heads=2, ffn_dim=768,
-                            max_seq_len=2048, rope_theta=100000.0),
+    "tiny": ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=256),
+    "cpu-small": ModelConfig(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=768, rope_theta=1e5),
+    "cpu-base": ModelConfig(dim=288, n_layers=6, n_heads=6, n_kv_heads=2, ffn_dim=768, rope_theta=1e5),
     "fastdraft-50m": ModelConfig(vocab_size=32064, dim=768, n_layers=4, n_heads=12, n_kv_heads=4, ffn_dim=2048,
-                                 max_seq_len=4096, rope_theta=10000.0),
+                                 max_seq_len=4096),
     "fastdraft-150m": ModelConfig(vocab_size=128256, dim=768, n_layers=8, n_heads=12, n_kv_heads=4, ffn_dim=2048,
-                                  max_seq_len=4096, rope_theta=500000.0,
-                                  rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                "high_freq_factor": 4.0,
-                                                "original_max_position_embeddings": 8192}),
+                                  max_seq_len=4096, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE),
 }
 
 
@@ -109,9 +100,8 @@ def rope_frequencies(config):
 
 def rope_tables(config, length, device):
     """cos and sin tables (length, head_dim) in float32; row p rotates a vector at position p."""
-    inv_freq = rope_frequencies(config).to(device)
     t = torch.arange(length, device=device, dtype=torch.int64).float()
-    freqs = torch.outer(t, inv_freq)              # (L, d/2)
+    freqs = torch.outer(t, rope_frequencies(config).to(device))  # (L, d/2)
     emb = torch.cat((freqs, freqs), dim=-1)       # (L, d): rotate-half pairs element i with i + d/2
     return emb.cos(), emb.sin()
 
@@ -123,15 +113,14 @@ def apply_rope(x, cos, sin):
 
 
 def positions_and_mask(start, T, n_keys, pad=None, device=None, static=False):
-    """Slots, RoPE positions and attention mask for T tokens written at cache slots [start, start+T) and
-    attending over the first n_keys >= start+T slots of the cache (n_keys = T, start = 0 in training).
+    """Slots (T,), RoPE positions (T,) or (B, 1, T) and mask for T tokens written at cache slots [start, start+T)
+    that attend over the first n_keys >= start+T slots (n_keys = T, start = 0 in training).
 
     Slot j is visible to the query at slot i iff j <= i: that hides the future, the stale slots of a rejected
-    draft and the unused tail of a bucketed read. mask None marks the two cases attend() handles without one
-    (plain causal attention from slot 0; one token seeing every slot); static=True always builds the mask, so
-    a compiled graph sees the same kinds of inputs at every step. With pad (B,) left-padding counts, row b's
-    real tokens start at slot pad[b]: its positions are slot - pad[b] and it never sees slots before pad[b].
-    Returns slots (T,), pos (T,) or (B, 1, T), mask None, (T, n_keys) or (B, 1, T, n_keys)."""
+    draft and the unused tail of a bucketed read. mask None marks the cases attend() handles without one (causal
+    from slot 0; one token seeing every slot); static=True always builds one, so a compiled graph sees the same
+    kinds of inputs at every step. pad (B,) left-padding counts: row b's positions are slot - pad[b] and it never
+    sees slots before pad[b]. mask: None, (T, n_keys) or (B, 1, T, n_keys)."""
     end = start + T
     slots = torch.arange(start, end, device=device)                                      # (T,)
     j = torch.arange(n_keys, device=device)                                              # (n_keys,)
@@ -164,20 +153,16 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Grouped-query attention (Ainslie et al. 2023) with RoPE and a static KV cache.
+    """Grouped-query attention (Ainslie et al. 2023) with RoPE and a static KV cache. q, k, v come from one fused
+    projection (rows [q; k; v], Phi-3's layout): at batch size 1 decoding is a chain of small kernels, and one matmul
+    plus one RoPE call instead of three plus two is measurably faster (checkpoints keep HF's q/k/v_proj)."""
 
-    q, k and v come from one fused projection (rows [q; k; v], Phi-3's layout): at batch size 1 decoding is a
-    chain of small kernels, and one matmul plus one RoPE call instead of three plus two is measurably faster.
-    Checkpoints keep Hugging Face's separate q_proj / k_proj / v_proj (see hf_state_dict / _fuse)."""
-
-    def __init__(self, config):
+    def __init__(self, c):
         super().__init__()
-        c = config
         self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
         self.qkv_proj = nn.Linear(c.dim, (c.n_heads + 2 * c.n_kv_heads) * c.head_dim, bias=False)
         self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=False)
-        self.k_cache = None  # (B, n_kv, S, hd) once setup_cache() ran
-        self.v_cache = None
+        self.k_cache = self.v_cache = None  # (B, n_kv, S, hd) once setup_cache() ran
 
     def forward(self, x, cos, sin, slots, n_keys, mask):
         B, T, _ = x.shape
@@ -196,9 +181,8 @@ class Attention(nn.Module):
 
 def attend(q, k, v, mask=None):
     """Softmax attention of q (B, nh, T, hd) over k, v (B, nkv, S, hd), kv heads shared by nh/nkv query heads.
-
-    mask None means the ordinary case: causal when T == S (training, a prompt from slot 0), everything when T == 1
-    (one new token sees the whole cache). Otherwise mask (T, S) or (B, 1, T, S) says which slots each query sees."""
+    mask None: causal when T == S (training, a prompt from slot 0), everything when T == 1 (one new token sees the
+    whole cache). Otherwise mask (T, S) or (B, 1, T, S) says which slots each query sees."""
     B, nh, T, hd = q.shape
     nkv = k.size(1)
     if mask is None and T == 1 and nh != nkv:
@@ -250,8 +234,8 @@ class Transformer(nn.Module):
         self.config = config
         # _weight skips nn.Embedding's own random init: _init_weights below does it, and on the meta device
         # (load_model) that init would only cost time (it pulls in torch._dynamo, ~3 s).
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim,
-                                         _weight=torch.empty(config.vocab_size, config.dim))
+        V, C = config.vocab_size, config.dim
+        self.embed_tokens = nn.Embedding(V, C, _weight=torch.empty(V, C))
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         # Tied: the head reuses embed_tokens.weight (SmolLM2 and our drafts); untied: its own matrix.
@@ -264,45 +248,35 @@ class Transformer(nn.Module):
         self.reset_rope()
         self.apply(self._init_weights)
 
-    def _init_weights(self, module):
-        # GPT-2 / Llama style: N(0, 0.02) everywhere, norms at one (nn.Module default)
+    def _init_weights(self, module):  # GPT-2 / Llama style: N(0, 0.02) everywhere, norms at one (nn.Module default)
         if isinstance(module, (nn.Linear, nn.Embedding)) and module.weight.device.type != "meta":
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def reset_rope(self, length=None):
-        """(Re)build the cos/sin tables; after loading onto the meta device they must be computed for real."""
-        device = self.embed_tokens.weight.device
+        """(Re)build the cos/sin tables; on the meta device they are placeholders until load_model calls this again."""
         length = length or min(self.config.max_seq_len, 4096)  # grown on demand (Llama-3.1 says 131072)
-        if device.type == "meta":  # placeholders; load_model calls reset_rope() again on the real device
-            cos = sin = torch.empty(length, self.config.head_dim, device="meta")
-        else:
-            cos, sin = rope_tables(self.config, length, device)
+        cos, sin = rope_tables(self.config, length, self.embed_tokens.weight.device)
         self.register_buffer("rope_cos", cos, persistent=False)  # (L, hd) float32
         self.register_buffer("rope_sin", sin, persistent=False)
 
     # -- KV cache ---------------------------------------------------------------------------------
 
     def setup_cache(self, batch_size, max_seq_len=None):
-        """Preallocate every layer's k/v cache (B, n_kv, S, hd) in the model's dtype and device.
-
-        Without max_seq_len: the config's context, capped at 4096 (a Llama-3.1 full context would be GBs)."""
-        c = self.config
-        S = max_seq_len or min(c.max_seq_len, 4096)
+        """Preallocate every layer's k/v cache (B, n_kv, S, hd) in the model's dtype and device; S defaults to the
+        config's context, capped at 4096 (a Llama-3.1 full context would be GBs)."""
+        S = max_seq_len or min(self.config.max_seq_len, 4096)
         w = self.embed_tokens.weight
+        shape = (batch_size, self.config.n_kv_heads, S, self.config.head_dim)
         for layer in self.layers:
-            attn = layer.self_attn
-            shape = (batch_size, c.n_kv_heads, S, c.head_dim)
-            attn.k_cache = torch.zeros(shape, dtype=w.dtype, device=w.device)
-            attn.v_cache = torch.zeros(shape, dtype=w.dtype, device=w.device)
+            layer.self_attn.k_cache = torch.zeros(shape, dtype=w.dtype, device=w.device)
+            layer.self_attn.v_cache = torch.zeros(shape, dtype=w.dtype, device=w.device)
         self.cache_len = S
         if S > self.rope_cos.size(0):
             self.reset_rope(S)
 
     def keep_cache_rows(self, rows, length):
-        """Keep only the batch rows `rows` of the cache (slots [0, length)), moved to the front in that order.
-
-        Attention reads the first B rows of the cache, so the next forward with B = len(rows) continues exactly
-        these rows: a batch drops its finished rows without recomputing anything."""
+        """Keep only the batch rows `rows` of the cache (slots [0, length)), moved to the front in that order: the next
+        forward with B = len(rows) continues exactly these rows (a batch drops finished rows, recomputing nothing)."""
         idx = torch.tensor(rows, device=self.embed_tokens.weight.device)
         for layer in self.layers:
             attn = layer.self_attn
@@ -322,8 +296,7 @@ class Transformer(nn.Module):
         B, T = idx.shape
         start = 0 if input_pos is None else int(input_pos)
         if input_pos is not None and start + T > self.cache_len:
-            raise ValueError(f"positions up to {start + T} do not fit the KV cache of {self.cache_len} "
-                             f"(setup_cache() first)")
+            raise ValueError(f"positions up to {start + T} do not fit the KV cache of {self.cache_len} (setup_cache)")
         if pad is not None and input_pos is None:
             raise ValueError("pad needs the KV cache (input_pos)")
         if start + T > self.rope_cos.size(0):
@@ -346,17 +319,15 @@ class Transformer(nn.Module):
         """torch.compile the layers, reading the cache in buckets of `bucket` slots: decoding then compiles one
         graph per (T, bucket), not one per token (positions and masks arrive as tensors)."""
         self.cache_bucket = bucket
-        # dynamo keeps at most cache_size_limit graphs per code object (8 by default), and every model's blocks()
-        # is the same code: a target and its draft, each at a few (T, bucket) shapes, would silently fall back to
-        # eager beyond it
+        # dynamo keeps at most cache_size_limit graphs per code object (8 by default) and every model's blocks() is the
+        # same code: a target and its draft, each at a few (T, bucket) shapes, would silently fall back to eager
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         self.blocks = torch.compile(self.blocks, **kwargs)
         return self
 
     def keys_to_read(self, end):
-        """How many cache slots attention reads when the last token sits at slot end-1: `end` itself, or with
-        cache_bucket > 1 the next multiple of it, so a compiled graph sees a new length every bucket, not every
-        token (the mask hides the slots in between)."""
+        """Cache slots attention reads when the last token sits at slot end-1: `end`, or with cache_bucket > 1 the next
+        multiple of it, so a compiled graph sees a new length every bucket, not every token (the mask hides the rest)"""
         b = self.cache_bucket
         return end if b <= 1 else min(self.cache_len, -(-end // b) * b)
 
@@ -375,10 +346,9 @@ class Transformer(nn.Module):
         return F.linear(h, self._head_rows[1]).float()
 
     def trim_head(self, ids):
-        """Predict only the tokens `ids` (VocabTrim, arXiv 2506.22694; FR-Spec, arXiv 2502.14856).
-
-        The model still reads every token; its logits cover the K ids, in this order, and a token outside them
-        has probability zero, so speculative sampling stays exact (it just cannot propose that token)."""
+        """Predict only the tokens `ids` (VocabTrim, arXiv 2506.22694; FR-Spec, arXiv 2502.14856). The model still
+        reads every token; its logits cover the K ids, in this order, and a token outside them has probability zero,
+        so speculative sampling stays exact (it just cannot propose that token)."""
         if self.head_ids is not None:
             raise UserError("this model's head is trimmed already")
         ids = torch.as_tensor(ids, dtype=torch.long, device=self.embed_tokens.weight.device)
@@ -402,7 +372,6 @@ class Transformer(nn.Module):
 
     def forward(self, idx, input_pos=None, last_n=None, pad=None):
         """Logits (B, T, V) float32 (V: K when the head is trimmed), or (B, last_n, V) when last_n is given.
-
         input_pos None: causal forward over idx alone (training). input_pos int: idx are written into the KV
         cache at slots [input_pos, input_pos+T) and attend to slots [0, input_pos+t] only; calling again with an
         earlier input_pos rolls back. pad (B,): left-padding counts, row b's slots [0, pad[b]) are never seen."""
@@ -411,15 +380,11 @@ class Transformer(nn.Module):
             h = h[:, -last_n:]
         return self.head(h)
 
-    # -- accounting -------------------------------------------------------------------------------
-
     def num_params(self, non_embedding=False):
         """Parameter count; non_embedding=True leaves out the vocabulary matrices (embedding and head)."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.embed_tokens.weight.numel()
-            if self.lm_head is not None:
-                n -= self.lm_head.weight.numel()
+            n -= sum(m.weight.numel() for m in (self.embed_tokens, self.lm_head) if m is not None)
         return n
 
     def flops_per_token(self, seq_len):

@@ -1,21 +1,18 @@
 """
 The first command to run on a new machine or device: does this setup train and decode correctly?
-
     python smoke.py --device cuda          # or hpu, mps, cpu, auto
-
-It runs the headline paths end to end, small: a few pretraining steps of a tiny draft, a stop and an exact resume,
-greedy speculative decoding equal to greedy autoregressive decoding (in float32, where both must agree token for
-token), and batched generation equal to one row at a time. Each check prints one line; the exit code is the
-number of failed checks (0: all passed). A few minutes on a CPU; seconds on a GPU.
+Small end-to-end checks, one line each: pretraining with an exact stop and resume, greedy speculative decoding equal
+to greedy autoregressive decoding (float32), batched generation equal to one row at a time. The exit code is the
+number of failed checks. A few minutes on a CPU; seconds on a GPU.
 """
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -24,27 +21,23 @@ import common
 import speculative
 import tokenizer
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
 
 def run_script(args, what):
     """Run one of our scripts; a failure is a failed check, with the script's last lines as the reason."""
-    p = subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True)
+    p = subprocess.run([sys.executable, *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True)
     if p.returncode != 0:
         raise RuntimeError(f"{what} exited {p.returncode}: {(p.stderr or p.stdout).strip()[-400:]}")
-    return p
 
 
 def check_training(device, out):
     """Pretrain a tiny draft for 6 steps in one go, and again as 3 steps + resume: the losses must agree."""
-    common_args = ["pretrain.py", "--device", device, "--preset", "tiny", "--data", "builtin:code",
-                   "--seq-len", "64", "--batch-size", "4", "--max-tokens", str(6 * 4 * 64), "--eval-every", "0",
-                   "--log-every", "1", "--seed", "0"]
-    run_script(common_args + ["--out", f"{out}/whole", "--json", f"{out}/whole.json"], "pretraining")
-    run_script(common_args + ["--out", f"{out}/split", "--stop-at", "3"], "pretraining to step 3")
+    args = ["pretrain.py", "--device", device, "--preset", "tiny", "--data", "builtin:code", "--seq-len", "64",
+            "--batch-size", "4", "--max-tokens", str(6 * 4 * 64), "--eval-every", "0", "--log-every", "1",
+            "--seed", "0"]
+    run_script(args + ["--out", f"{out}/whole", "--json", f"{out}/whole.json"], "pretraining")
+    run_script(args + ["--out", f"{out}/split", "--stop-at", "3"], "pretraining to step 3")
     run_script(["pretrain.py", "--resume", f"{out}/split", "--json", f"{out}/split.json"], "resuming")
-    whole, split = (json.load(open(f"{out}/{n}.json")) for n in ("whole", "split"))
-    lw, ls = whole.get("losses") or [], split.get("losses") or []
+    lw, ls = (json.load(open(f"{out}/{n}.json")).get("losses") or [] for n in ("whole", "split"))
     if not lw or lw[-1] != lw[-1]:
         raise RuntimeError(f"no finite training loss in {out}/whole.json")
     if lw[-3:] != ls[-3:]:
@@ -58,14 +51,14 @@ def check_speculative(device, target_spec, draft_dir, tok):
     draft = checkpoint.load_model(draft_dir, device=device, dtype=torch.float32)
     prompt = tok.encode("def fibonacci(n):")
     ar, _ = speculative.autoregressive(target, prompt, 32, temperature=0.0)
-    lines = []
+    rates = []
     for name, d in (("self", target), ("tiny draft", draft)):
         sd, stats = speculative.generate(target, d, prompt, 32, gamma=3, temperature=0.0)
         if sd != ar:
-            raise RuntimeError(f"greedy SD with the {name} as draft differs from AR at token "
-                               f"{next(i for i, (a, b) in enumerate(zip(sd, ar)) if a != b)}")
-        lines.append(f"{name}: acceptance {stats['acceptance_rate']:.2f}")
-    return "greedy SD == AR for 32 tokens (" + ", ".join(lines) + ")"
+            first = next(i for i, (a, b) in enumerate(zip(sd, ar)) if a != b)
+            raise RuntimeError(f"greedy SD with the {name} as draft differs from AR at token {first}")
+        rates.append(f"{name}: acceptance {stats['acceptance_rate']:.2f}")
+    return f"greedy SD == AR for 32 tokens ({', '.join(rates)})"
 
 
 def check_batched_generation(device, target_spec, tok):
@@ -93,10 +86,9 @@ def main():
     print(f"torch {torch.__version__}, device {device}{mode}, target {args.target}")
     failed = 0
     with tempfile.TemporaryDirectory() as out:
-        checks = [("training and resume", lambda: check_training(device.type, out)),
-                  ("speculative decoding", lambda: check_speculative(device, args.target, f"{out}/whole", tok)),
-                  ("batched generation", lambda: check_batched_generation(device, args.target, tok))]
-        for name, fn in checks:
+        for name, fn in [("training and resume", lambda: check_training(device.type, out)),
+                         ("speculative decoding", lambda: check_speculative(device, args.target, f"{out}/whole", tok)),
+                         ("batched generation", lambda: check_batched_generation(device, args.target, tok))]:
             t0 = time.time()
             try:
                 print(f"ok    {name}: {fn()} ({time.time() - t0:.0f} s)")
