@@ -28,8 +28,7 @@ class ModelConfig:
     ffn_dim: int = 768            # SwiGLU intermediate size
     max_seq_len: int = 2048       # context length
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None   # Llama-3 style {"rope_type": "llama3", "factor", "low_freq_factor",
-                                       #   "high_freq_factor", "original_max_position_embeddings"}, or None
+    rope_scaling: dict | None = None   # None, or as in HF configs: LLAMA3_ROPE below, {"rope_type": "linear", "factor"}
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     head_dim: int | None = None   # default dim // n_heads
@@ -114,13 +113,11 @@ def apply_rope(x, cos, sin):
 
 def positions_and_mask(start, T, n_keys, pad=None, device=None, static=False):
     """Slots (T,), RoPE positions (T,) or (B, 1, T) and mask for T tokens written at cache slots [start, start+T)
-    that attend over the first n_keys >= start+T slots (n_keys = T, start = 0 in training).
-
-    Slot j is visible to the query at slot i iff j <= i: that hides the future, the stale slots of a rejected
-    draft and the unused tail of a bucketed read. mask None marks the cases attend() handles without one (causal
-    from slot 0; one token seeing every slot); static=True always builds one, so a compiled graph sees the same
-    kinds of inputs at every step. pad (B,) left-padding counts: row b's positions are slot - pad[b] and it never
-    sees slots before pad[b]. mask: None, (T, n_keys) or (B, 1, T, n_keys)."""
+    that attend over the first n_keys >= start+T slots (n_keys = T, start = 0 in training). Slot j is visible to
+    the query at slot i iff j <= i: that hides the future, the stale slots of a rejected draft and the unused tail
+    of a bucketed read. mask None marks the cases attend() handles without one (causal from slot 0; one token
+    seeing every slot); static=True always builds one, so a compiled graph sees the same kinds of inputs at every
+    step. pad (B,) left-padding counts: row b's positions are slot - pad[b] and it never sees slots before pad[b]."""
     end = start + T
     slots = torch.arange(start, end, device=device)                                      # (T,)
     j = torch.arange(n_keys, device=device)                                              # (n_keys,)
@@ -327,7 +324,7 @@ class Transformer(nn.Module):
 
     def keys_to_read(self, end):
         """Cache slots attention reads when the last token sits at slot end-1: `end`, or with cache_bucket > 1 the next
-        multiple of it, so a compiled graph sees a new length every bucket, not every token (the mask hides the rest)"""
+        multiple of it, so a compiled graph sees a new length every bucket, not every token (masks hide the rest)."""
         b = self.cache_bucket
         return end if b <= 1 else min(self.cache_len, -(-end // b) * b)
 
