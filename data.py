@@ -2,10 +2,8 @@
 Text -> tokens for FastDraft (Zafrir et al. 2024, arXiv 2411.11055): the documents a draft is pretrained on,
 tokenized with the target's own tokenizer (tokenizer.py) and packed into training rows.
 
-Read top to bottom:
-  1. Text sources: builtin corpus, local files, Hugging Face streams; held-out split; rank sharding; mixtures.
-  2. Packing: documents -> one token stream -> rows of seq_len + 1 tokens, shuffled in blocks, exactly resumable.
-  3. The command line: `python data.py --data SPEC --tokenizer SPEC --stats`.
+Read top to bottom: 1. text sources (builtin corpus, local files, Hugging Face streams; held-out split, ranks,
+mixtures); 2. packing into rows, exactly resumable; 3. the command line (`python data.py --data SPEC --stats`).
 """
 import argparse
 import glob
@@ -75,29 +73,25 @@ def parse_hf_spec(spec, split="train", field=None):
 
 
 class Source:
-    """One text source: a list of local files (builtin sources are local files too) or a Hugging Face stream.
-
-    docs(split, rank, world_size, seed, epoch, start) yields (next_pos, text) for this rank's documents of one
-    epoch, beginning at stream position `start`; next_pos is where to start again to get the following document.
-    """
+    """One text source: local files (builtin sources are local files too) or a Hugging Face stream. docs() yields
+    (next_pos, text) for this rank's documents of one epoch from stream position `start`; next_pos is where to
+    start again to get the following document."""
 
     def __init__(self, spec):
-        self.spec, self.hub = spec, None
+        self.spec, self.hub, self.val_keys = spec, None, set()
         if spec in HUB_SOURCES or spec.startswith("hf:"):
             self._init_hub(spec)
             return
-        if spec == "builtin:prose":
-            self.files, self.root = _builtin_prose_files()
-        elif spec == "builtin:code":
-            self.files, self.root = _builtin_code_files()
+        if spec in ("builtin:prose", "builtin:code"):
+            self.files, self.root = _builtin_prose_files() if spec == "builtin:prose" else _builtin_code_files()
         elif spec.startswith("builtin"):
             raise UserError(f"unknown builtin source {spec!r} (builtin, builtin:prose, builtin:code)")
         else:
             self._init_local(spec)
         # a few whole files, none held out by the hash: hold out one of them (if there are at least two)
         keys = [self._key(f) for f, kind, _ in self.files if kind == "whole"]
-        few = len(self.files) == len(keys) >= 2 and not any(map(_is_val, keys))
-        self.val_keys = {min(keys, key=_stable_hash)} if few else set()
+        if len(self.files) == len(keys) >= 2 and not any(map(_is_val, keys)):
+            self.val_keys = {min(keys, key=_stable_hash)}
 
     # -- local files --
     def _init_local(self, spec):
@@ -117,9 +111,7 @@ class Source:
                 self.files.append((p, name.rsplit(".", 1)[1], field))
             elif name.endswith(TEXT_SUFFIXES) or "." not in os.path.basename(name):
                 self.files.append((p, "whole" if os.path.getsize(p) <= PIECE_CHARS else "pieces", None))
-            elif os.path.isdir(spec):
-                continue  # a folder: skip what we cannot read (images, archives, ...)
-            else:
+            elif not os.path.isdir(spec):  # a folder: skip what we cannot read (images, archives, ...)
                 raise UserError(f"{p}: unsupported file type (text files, .jsonl, .parquet)")
         if not self.files:
             raise UserError(f"no readable text files in {spec!r}")
@@ -134,33 +126,24 @@ class Source:
         key = self._key(path)
         if kind == "whole":
             yield key, lambda: _read_text(path)
-        elif kind in ("pieces", "info"):  # a big text file cut at blank lines, or an info file's nodes
-            for k, text in enumerate(_cut_pieces(_read_text(path)) if kind == "pieces" else _info_nodes(path)):
-                yield f"{key}#{k}", (lambda text=text: text)
-        elif kind == "pydoc":
-            import pydoc_data.topics
-            for name in sorted(pydoc_data.topics.topics):
-                yield f"{key}#{name}", (lambda name=name: pydoc_data.topics.topics[name])
         elif kind == "jsonl":
             with _open_text(path) as f:
                 for k, line in enumerate(f):
                     if line.strip():
                         yield f"{key}#{k}", (lambda line=line, k=k: _json_field(line, field, path, k))
-        elif kind == "parquet":
-            import pyarrow.parquet as pq
-            try:
-                pf = pq.ParquetFile(path)
-            except Exception as e:
-                raise UserError(f"{path} is not a readable parquet file: {e}")
-            if field not in pf.schema_arrow.names:
-                raise UserError(f"{path} has no column {field!r} (columns: {', '.join(pf.schema_arrow.names)})")
-            rows = (text for b in pf.iter_batches(columns=[field], batch_size=1024) for text in b.column(0).to_pylist())
-            for k, text in enumerate(rows):
-                yield f"{key}#{k}", (lambda text=text: text or "")
+        else:  # a big text file's pieces, an info file's nodes, pydoc's topics, a parquet file's rows
+            if kind == "pydoc":
+                import pydoc_data.topics
+                named = sorted(pydoc_data.topics.topics.items())
+            else:
+                named = enumerate(_cut_pieces(_read_text(path)) if kind == "pieces" else
+                                  _info_nodes(path) if kind == "info" else _parquet_column(path, field))
+            for name, text in named:
+                yield f"{key}#{name}", (lambda text=text: text or "")
 
     def docs(self, split, rank, world_size, seed, epoch, start=0):
         if self.hub is not None:
-            yield from self._hub_docs(split, rank, world_size, epoch, start)
+            yield from self._hub_docs(split, rank, world_size, start)
             return
         # a fresh file order every epoch (seeded); documents inside a file stay in order
         order = np.random.default_rng([seed, epoch, 1]).permutation(len(self.files))
@@ -181,7 +164,6 @@ class Source:
             raise UserError(f"{spec}: this machine cannot reach the Hugging Face hub (HF_HUB_OFFLINE / "
                             f"HF_DATASETS_OFFLINE is set); pass local files instead, e.g. --data 'corpus/*.jsonl'")
         self.hub = (os.path.expanduser(name) if local else name, config, hsplit, field, data_dir)
-        self.files, self.val_keys = [], set()
         self._open_hub(0, 1)  # fail now, with a clear message, rather than at the first batch
 
     def _open_hub(self, rank, world_size):
@@ -198,12 +180,12 @@ class Source:
             ds = datasets.distributed.split_dataset_by_node(ds, rank=rank, world_size=world_size)
         return ds, field
 
-    def _hub_docs(self, split, rank, world_size, epoch, start):
-        # The held-out rule hashes the text itself: hub streams have no stable path, and the rule must not
-        # depend on the number of ranks. Resuming skips `start` examples of the stream (read again, not tokenized).
+    def _hub_docs(self, split, rank, world_size, start):
+        # The held-out rule hashes the text itself: hub streams have no stable path, and the rule must not depend
+        # on the number of ranks. Resuming skips this rank's first `start` examples (read again, not tokenized):
+        # islice, not ds.skip, which would count the examples of the whole stream before split_dataset_by_node.
         ds, field = self._open_hub(rank, world_size)
-        ds = ds.skip(start) if start else ds
-        for pos, ex in enumerate(ds, start + 1):
+        for pos, ex in enumerate(itertools.islice(ds, start, None), start + 1):
             text = ex.get(field)
             if not isinstance(text, str):
                 raise UserError(f"{self.spec}: examples have no text field {field!r} (fields: {', '.join(ex)})")
@@ -228,6 +210,17 @@ def _json_field(line, field, path, k):
     if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
         raise UserError(f"{path}:{k + 1}: no text field {field!r}")
     return obj[field]
+
+
+def _parquet_column(path, field):
+    import pyarrow.parquet as pq
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:
+        raise UserError(f"{path} is not a readable parquet file: {e}")
+    if field not in pf.schema_arrow.names:
+        raise UserError(f"{path} has no column {field!r} (columns: {', '.join(pf.schema_arrow.names)})")
+    return (text for b in pf.iter_batches(columns=[field], batch_size=1024) for text in b.column(0).to_pylist())
 
 
 def _cut_pieces(text):
@@ -301,12 +294,6 @@ def parse_mixture(data_spec):
     return [(n, w / total) for n, w in out]
 
 
-def _mixture_pick(seed, rank, k, cum):
-    """Which source document k of the mixture comes from: a counter-based draw, so the state is just k."""
-    u = _stable_hash(f"mix:{seed}:{rank}:{k}") / 2.0 ** 64
-    return min(int(np.searchsorted(cum, u, side="right")), len(cum) - 1)
-
-
 def _open_sources(data_spec, split):
     if split not in ("train", "val"):
         raise UserError(f"split must be train or val, got {split!r}")
@@ -316,19 +303,22 @@ def _open_sources(data_spec, split):
 
 @dataclass
 class Cursor:
-    """A place in the document streams of a mixture, in plain ints."""
+    """A place in the document streams of a mixture, in plain ints (see section 2 for how resuming uses it)."""
     k: int          # documents drawn from the mixture so far (the draws are counter-based: k is their whole state)
     pos: list       # per source: [epoch, position in that epoch's stream] (Source.docs' `start`)
     skip: int = 0   # tokens of the next document that are already in earlier rows
 
 
 def _mixture_docs(sources, cum, start, split, seed, rank, world_size, endless=True):
-    """(Cursor before it, text) for each document of the mixture from Cursor `start` on. A source that runs out
-    starts its next epoch, in a new file order, if `endless`; else the stream ends there."""
+    """(Cursor before it, text) for each document of the mixture from Cursor `start` on (None: the beginning).
+    A source that runs out starts its next epoch, in a new file order, if `endless`; else the stream ends there."""
+    start = start or Cursor(0, [[0, 0] for _ in sources])
     cur, streams = Cursor(start.k, [list(p) for p in start.pos]), [None] * len(sources)
     while True:
         before = Cursor(cur.k, [list(p) for p in cur.pos])
-        i = _mixture_pick(seed, rank, cur.k, cum) if len(sources) > 1 else 0
+        # which source document k comes from: a counter-based draw, so the mixture's state is just k
+        u = _stable_hash(f"mix:{seed}:{rank}:{cur.k}") / 2.0 ** 64
+        i = min(int(np.searchsorted(cum, u, side="right")), len(cum) - 1) if len(sources) > 1 else 0
         while True:
             fresh = streams[i] is None and cur.pos[i][1] == 0  # a whole epoch ahead of us
             if streams[i] is None:
@@ -349,8 +339,7 @@ def _mixture_docs(sources, cum, start, split, seed, rank, world_size, endless=Tr
 def read_documents(data_spec, split="train", seed=0, rank=0, world_size=1):
     """Raw text documents of one pass (epoch 0) of this rank's share; a mixture stops when a source runs out."""
     sources, cum = _open_sources(data_spec, split)
-    start = Cursor(0, [[0, 0] for _ in sources])
-    yield from (text for _, text in _mixture_docs(sources, cum, start, split, seed, rank, world_size, endless=False))
+    yield from (text for _, text in _mixture_docs(sources, cum, None, split, seed, rank, world_size, endless=False))
 
 
 def heldout_documents(data_spec, n, min_chars=200, max_chars=None):
@@ -410,11 +399,10 @@ def prose_passages(data_spec, n, min_chars):
 # seq_len + 1 tokens that overlap by one (row i = stream[i*T : i*T + T + 1]): every token is a target exactly once
 # and nothing is padded. Rows are shuffled in blocks of `shuffle_rows`, permuted with the seed (seed, rank, block).
 # Resuming needs only where the current block began in the document streams (a Cursor) and how many of its rows
-# were emitted: the block is rebuilt from there.
+# were emitted (a Position: all that state_dict() saves): the block is rebuilt from there.
 
 @dataclass
 class Position:
-    """Where a BatchIterator stands: all that state_dict() saves and all that load_state_dict() needs."""
     block: int      # number of the current shuffle block (its permutation is seeded with it)
     start: Cursor   # where the block's first token lies in the document streams
     rows_done: int  # rows of the block already emitted
@@ -439,15 +427,14 @@ class BatchIterator:
         self._seek(Position(block=0, start=Cursor(k=0, pos=[[0, 0] for _ in self.sources]), rows_done=0))
 
     def _seek(self, position):
-        """Open the sources at position.start and rebuild that block. Everything else the iterator holds is a
-        cache of the reader ahead of the rows: the document stream and tokenized documents not yet packed."""
+        """Rebuild the block at `position`. All else the iterator holds is a cache of the reader ahead of the rows:
+        the document stream and tokenized documents not yet packed."""
         self.position = position
         self._docs = _mixture_docs(self.sources, self.cum, position.start, self.split, self.seed, self.rank,
                                    self.world_size)
         self._pending = []  # tokenized documents, (Cursor before it, ids), the next one last
         self._rows, self._next_start = self._pack_block(position.start.skip)
 
-    # -- packing --
     def _next_doc(self):
         """(Cursor before the doc, its tokens with the separator), tokenizing many documents at a time."""
         if not self._pending:
@@ -474,8 +461,7 @@ class BatchIterator:
             last = (before, ids, skip, have)
             have += len(ids) - skip
             skip = 0
-        stream = np.concatenate(parts)
-        rows = np.lib.stride_tricks.sliding_window_view(stream[:need], T + 1)[::T]  # (R, T+1), overlap 1
+        rows = np.lib.stride_tricks.sliding_window_view(np.concatenate(parts)[:need], T + 1)[::T]  # (R, T+1)
         if self.shuffle:
             rows = rows[np.random.default_rng([self.seed, self.rank, self.position.block, 2]).permutation(R)]
         # token R*T (the last row's last token) is the next block's first: it lies in the last document
@@ -504,7 +490,6 @@ class BatchIterator:
             return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
         return x.to(self.device), y.to(self.device)
 
-    # -- resuming --
     def state_dict(self):
         """The Position, as JSON-able ints, and what it is a position in (checked when it is loaded)."""
         p = self.position
@@ -515,10 +500,9 @@ class BatchIterator:
 
     def load_state_dict(self, sd):
         """Continue exactly where state_dict() was taken (same data, tokenizer, seq_len and seed)."""
-        mine = self.state_dict()
-        for key in ("data", "tokenizer", "seq_len", "seed", "rank", "world_size", "split", "shuffle", "block_rows"):
-            if sd.get(key) != mine[key]:
-                raise UserError(f"cannot resume the data stream: {key} was {sd.get(key)!r}, now {mine[key]!r}")
+        for key, now in self.state_dict().items():
+            if key not in ("block", "block_start", "rows_done") and sd.get(key) != now:
+                raise UserError(f"cannot resume the data stream: {key} was {sd.get(key)!r}, now {now!r}")
         self._seek(Position(sd["block"], Cursor(**sd["block_start"]), sd["rows_done"]))
 
 

@@ -5,12 +5,6 @@ A draft model is only usable for speculative decoding if it shares the target's 
 token this project trains on or decodes comes from the target's tokenizer, rebuilt here from whatever file the
 target ships (GGUF metadata, tokenizer.json, a tiktoken rank file or a sentencepiece model) and run by tiktoken
 or sentencepiece.
-
-Read top to bottom:
-  1. Pre-tokenizer patterns and the special tokens of the chat families.
-  2. Tokenizer: encode / decode / fingerprint / chat templates (ChatML, Llama-3, Phi-3).
-  3. load_tokenizer(spec), then one constructor per file format.
-  4. The vocabulary: check_same_vocab (the one check of the project), frequent_ids (a trimmed draft head's ids).
 """
 import base64
 import hashlib
@@ -70,12 +64,9 @@ def gpt2_bytes_to_unicode():
 # 2. The tokenizer
 
 class Tokenizer:
-    """The target's tokenizer: ordinary text <-> ids, special tokens kept apart, and its chat template.
-
-    Two engines sit behind one interface: tiktoken (byte-level BPE: SmolLM2, Llama-3, GPT-2-style tokenizer.json)
-    and sentencepiece (Llama-2, Mistral, Phi-3). Special tokens are never produced by encode(): a user's text
-    that contains "<|im_end|>" is encoded as those characters, so a prompt cannot forge the end of a turn.
-    """
+    """The target's tokenizer: text <-> ids, special tokens kept apart, and its chat template. Behind it, tiktoken
+    (byte-level BPE: SmolLM2, Llama-3, GPT-2-style tokenizer.json) or sentencepiece (Llama-2, Mistral, Phi-3).
+    encode() never produces a special token: a prompt that contains "<|im_end|>" cannot forge the end of a turn."""
 
     def __init__(self, spec, special, vocab_size, bos_id, eos_id, enc=None, sp=None, add_bos=False,
                  default_system=None, drop_ids=()):
@@ -88,11 +79,9 @@ class Tokenizer:
         self.add_bos = add_bos                 # does the target expect BOS at the start of every text?
         self.default_system = default_system   # ChatML templates that insert a system turn when none is given
         self._drop_ids = set(drop_ids)         # placeholder ranks for bytes the vocabulary lacks (see _from_bpe)
-        self._drop_chars = None
-        if self._drop_ids:
-            missing = [b for b in range(256) if enc.encode_single_token(bytes([b])) in self._drop_ids]
-            # a str holding one of these bytes in its UTF-8 form: control chars, or 4-byte chars for lead bytes
-            self._drop_chars = re.compile("[" + "".join(_chars_with_byte(b) for b in missing) + "]")
+        # a text whose UTF-8 holds none of these bytes cannot produce a placeholder: encode() skips the filter
+        missing = b"".join(enc.decode_single_token_bytes(i) for i in self._drop_ids)
+        self._drop_bytes = re.compile(b"[" + re.escape(missing) + b"]") if missing else None
         self._fingerprint = None
         self.family = ("chatml" if "<|im_start|>" in self.special else
                        "llama3" if "<|start_header_id|>" in self.special else
@@ -122,58 +111,52 @@ class Tokenizer:
 
     def _drop_missing(self, text, ids):
         """Remove the placeholder ids of bytes the vocabulary lacks (see _from_bpe), as Hugging Face does."""
-        if self._drop_chars is None or not self._drop_chars.search(text):
+        if self._drop_bytes is None or not self._drop_bytes.search(text.encode("utf-8", errors="surrogatepass")):
             return ids
         return [i for i in ids if i not in self._drop_ids]
 
     def decode_bytes(self, ids):
         """ids -> raw bytes (a partial UTF-8 character stays partial, for streaming output)."""
         ids = [int(i) for i in ids]
-        if self.sp is not None:
-            out = b"".join(self._sp_bytes[i] if 0 <= i < len(self._sp_bytes) else b"" for i in ids)
-            # sentencepiece marks the start of a text with a space ("dummy prefix"); it is not part of the text
-            if ids and self._sp_dummy_prefix and 0 <= ids[0] < len(self._sp_bytes) and out.startswith(b" ") \
-                    and self._sp_bytes[ids[0]].startswith(b" ") and not self.sp.is_byte(ids[0]):
-                out = out[1:]
-            return out
-        try:
-            return self.enc.decode_bytes(ids)
-        except KeyError:  # ids that are no token (holes, padding rows of the embedding) decode to nothing
-            return self.enc.decode_bytes([i for i in ids if i not in self._drop_ids and self._rank_exists(i)])
-
-    def _rank_exists(self, i):
-        try:
-            self.enc.decode_single_token_bytes(i)
-            return True
-        except KeyError:
-            return False
+        if self.sp is None:
+            try:
+                return self.enc.decode_bytes(ids)
+            except KeyError:  # ids that are no token (e.g. padding rows of the embedding) decode to nothing
+                return b"".join(self.token_bytes(i) for i in ids if i not in self._drop_ids)
+        out = b"".join(map(self.token_bytes, ids))
+        # sentencepiece marks the start of a text with a space ("dummy prefix"); it is not part of the text
+        if ids and self._sp_dummy_prefix and out.startswith(b" ") and self.token_bytes(ids[0]).startswith(b" ") \
+                and not self.sp.is_byte(ids[0]):
+            out = out[1:]
+        return out
 
     def decode(self, ids):
         """ids -> text (invalid UTF-8, e.g. a cut multi-byte character, becomes U+FFFD)."""
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     def token_bytes(self, i):
-        """The byte string of one token (special tokens: their text)."""
-        return self.decode_bytes([i]) if self.sp is None else self._sp_bytes[i]
+        """The byte string of one token (special tokens: their text; an id that is no token: b"")."""
+        if self.sp is not None:
+            return self._sp_bytes[i] if 0 <= i < len(self._sp_bytes) else b""
+        try:
+            return self.enc.decode_single_token_bytes(i)
+        except KeyError:
+            return b""
 
     def fingerprint(self):
         """sha256 over the ordered token byte strings: two tokenizers with the same fingerprint share a vocabulary."""
         if self._fingerprint is None:
             h = hashlib.sha256()
-            n = self.enc.n_vocab if self.sp is None else len(self._sp_bytes)
-            for i in range(n):
-                b = self.token_bytes(i)  # b"" for an id that is no token
+            for i in range(self.enc.n_vocab if self.sp is None else len(self._sp_bytes)):
+                b = self.token_bytes(i)
                 h.update(struct.pack("<I", len(b)) + b)
             self._fingerprint = h.hexdigest()
         return self._fingerprint
 
     # -- chat --
     def chat(self, messages, add_generation_prompt=True):
-        """messages [{"role", "content"}] -> ids in the target's chat format, ending with the assistant prefix.
-
-        Written by hand per family (ChatML for SmolLM2, Llama-3, Phi-3). Special tokens come from the template;
-        the messages' text is encoded as ordinary text, exactly like Hugging Face splits added tokens first.
-        """
+        """messages [{"role", "content"}] -> ids in the target's chat format (ChatML, Llama-3, Phi-3, written by
+        hand), ending with the assistant prefix; the messages are encoded as ordinary text, as Hugging Face does."""
         S, enc = self.special, self.encode
         ids = []
         if self.family == "chatml":
@@ -205,16 +188,6 @@ class Tokenizer:
         return ids
 
 
-def _chars_with_byte(b):
-    """A regex char-class body matching every character whose UTF-8 encoding contains byte b."""
-    if b < 0x80:
-        return re.escape(chr(b))
-    if 0xF0 <= b <= 0xF4:  # lead byte of a 4-byte character: a whole range of code points
-        lo = (b - 0xF0) << 18
-        return f"{re.escape(chr(max(lo, 0x10000)))}-{re.escape(chr(min(lo + (1 << 18) - 1, 0x10FFFF)))}"
-    return ""  # 0xC0, 0xC1, 0xF5..0xFF never occur in UTF-8; continuation bytes: not handled (never missing)
-
-
 # -----------------------------------------------------------------------------
 # 3. Loading: one constructor per file format
 
@@ -225,25 +198,19 @@ def load_tokenizer(spec):
     if spec != "smollm2" and not Path(spec).expanduser().exists():
         raise UserError(f"no such tokenizer file or folder: {spec}")
     path = Path(resolve_spec(spec))  # resolves the model alias "smollm2" too
-    if path.is_dir():
-        cfg = _read_json(path / "config.json", missing={})
-        ours = (cfg.get("fastdraft") or {}).get("tokenizer") if isinstance(cfg, dict) else None
-        if ours:  # a draft saved by checkpoint.save_model: the tokenizer is the target's, found again by its spec
-            return load_tokenizer(ours)
-        for name in ("tokenizer.json", "tokenizer.model", "original/tokenizer.model"):
-            if (path / name).is_file():
-                tok = _load_tokenizer_file(path / name, spec)
-                break
-        else:
-            ggufs = sorted(path.glob("*.gguf"))
-            if not ggufs:
-                raise UserError(f"{spec}: no tokenizer.json, tokenizer.model or .gguf file in this folder")
-            tok = _load_tokenizer_file(ggufs[0], spec)
-        rows = cfg.get("vocab_size") if isinstance(cfg, dict) else None
-        if isinstance(rows, int) and rows > tok.vocab_size:
-            tok.vocab_size = rows  # e.g. Phi-3: 32,011 tokens in a 32,064-row embedding
-        return tok
-    return _load_tokenizer_file(path, spec)
+    if not path.is_dir():
+        return _load_tokenizer_file(path, spec)
+    cfg = _read_json(path / "config.json", missing={})
+    if (cfg.get("fastdraft") or {}).get("tokenizer"):  # a draft saved by checkpoint.save_model: its target's spec
+        return load_tokenizer(cfg["fastdraft"]["tokenizer"])
+    names = ("tokenizer.json", "tokenizer.model", "original/tokenizer.model")
+    found = [path / n for n in names if (path / n).is_file()] or sorted(path.glob("*.gguf"))
+    if not found:
+        raise UserError(f"{spec}: no tokenizer.json, tokenizer.model or .gguf file in this folder")
+    tok = _load_tokenizer_file(found[0], spec)
+    if isinstance(cfg.get("vocab_size"), int) and cfg["vocab_size"] > tok.vocab_size:
+        tok.vocab_size = cfg["vocab_size"]  # e.g. Phi-3: 32,011 tokens in a 32,064-row embedding
+    return tok
 
 
 def _read_json(path, missing=None):
@@ -272,9 +239,8 @@ def _from_bpe(spec, tokens, merges, special, pattern, bos_id, eos_id, add_bos=Fa
     """A tiktoken Encoding from a byte-level BPE vocabulary (tokens[i] is id i, in GPT-2's unicode alphabet).
 
     tiktoken merges, inside each pre-tokenized piece, the adjacent pair whose concatenation has the lowest rank;
-    Hugging Face merges the pair listed first in `merges`. Using the token id as the rank gives the same result
-    when merged tokens were numbered in merge order, which is how BPE vocabularies are built (checked here; the
-    tests compare against Hugging Face on 1 MB of text).
+    Hugging Face merges the pair listed first in `merges`. Rank = token id gives the same result when merged tokens
+    were numbered in merge order, as BPE vocabularies are built (checked here; the tests compare on 1 MB of text).
     """
     import tiktoken
     u2b = {c: b for b, c in gpt2_bytes_to_unicode().items()}
@@ -286,7 +252,6 @@ def _from_bpe(spec, tokens, merges, special, pattern, bos_id, eos_id, add_bos=Fa
             ranks[bytes(u2b[c] for c in tok)] = i
         except KeyError:
             raise UserError(f"{spec}: token {i} {tok!r} is not in the byte-level alphabet (not a byte-level BPE)")
-    # the merged tokens' ids must rise with the merge order for rank = id to be exact
     merged = [ranks.get(bytes(u2b[c] for c in (m.replace(" ", "", 1) if isinstance(m, str) else "".join(m))), -1)
               for m in merges or []]
     if any(x >= y for x, y in zip(merged, merged[1:])):
@@ -296,27 +261,22 @@ def _from_bpe(spec, tokens, merges, special, pattern, bos_id, eos_id, add_bos=Fa
     n = len(tokens)
     missing = [bytes([b]) for b in range(256) if bytes([b]) not in ranks]
     ranks.update({b: n + k for k, b in enumerate(missing)})
-    drop = list(range(n, n + len(missing)))
     enc = tiktoken.Encoding(name=f"fastdraft:{spec}", pat_str=pattern, mergeable_ranks=ranks,
                             special_tokens=special)
     return Tokenizer(spec, special, vocab_size=n, bos_id=bos_id, eos_id=eos_id, enc=enc, add_bos=add_bos,
-                     default_system=default_system, drop_ids=drop)
-
-
-GGUF_TOKENIZER_KEYS = ["tokenizer.chat_template"] + ["tokenizer.ggml." + k for k in (
-    "model", "pre", "tokens", "token_type", "scores", "merges", "bos_token_id", "eos_token_id", "add_bos_token",
-    "add_space_prefix")]
+                     default_system=default_system, drop_ids=range(n, n + len(missing)))
 
 
 def _from_gguf(path, spec):
     """GGUF tokenizer metadata (llama.cpp): "gpt2" = byte-level BPE -> tiktoken; "llama" = sentencepiece."""
-    get = gguf_metadata(path, GGUF_TOKENIZER_KEYS).get
-    model = get("tokenizer.ggml.model")
-    tokens = get("tokenizer.ggml.tokens")
+    keys = ["tokenizer.chat_template"] + ["tokenizer.ggml." + k for k in (
+        "model", "pre", "tokens", "token_type", "scores", "merges", "bos_token_id", "eos_token_id", "add_bos_token",
+        "add_space_prefix")]
+    get = gguf_metadata(path, keys).get
+    model, tokens = get("tokenizer.ggml.model"), get("tokenizer.ggml.tokens")
     if not tokens:
         raise UserError(f"{path} has no tokenizer in its metadata")
     types = get("tokenizer.ggml.token_type") or [1] * len(tokens)
-    bos, eos = get("tokenizer.ggml.bos_token_id"), get("tokenizer.ggml.eos_token_id")
     # llama.cpp token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte
     special = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (3, 4)}
     if model == "gpt2":
@@ -324,7 +284,8 @@ def _from_gguf(path, spec):
         if pre not in GGUF_PRE_PATTERNS:
             raise UserError(f"{path}: pre-tokenizer {pre!r} is not supported (supported: "
                             f"{', '.join(sorted(GGUF_PRE_PATTERNS))})")
-        return _from_bpe(spec, tokens, get("tokenizer.ggml.merges"), special, GGUF_PRE_PATTERNS[pre], bos, eos,
+        return _from_bpe(spec, tokens, get("tokenizer.ggml.merges"), special, GGUF_PRE_PATTERNS[pre],
+                         get("tokenizer.ggml.bos_token_id"), get("tokenizer.ggml.eos_token_id"),
                          add_bos=bool(get("tokenizer.ggml.add_bos_token", False)),
                          default_system=_default_system(get("tokenizer.chat_template")))
     if model == "llama":
@@ -337,10 +298,7 @@ def _from_gguf(path, spec):
 def _sentencepiece_proto(tokens, scores, types, add_dummy_prefix=True):
     """A serialized sentencepiece model from a GGUF vocabulary (llama.cpp's token types are sentencepiece's),
     built with the protobuf schema that ships inside the sentencepiece package."""
-    try:
-        from sentencepiece import sentencepiece_model_pb2 as pb
-    except ImportError:
-        raise UserError("a sentencepiece vocabulary in a GGUF file needs protobuf: pip install protobuf")
+    from sentencepiece import sentencepiece_model_pb2 as pb  # needs protobuf (requirements.txt)
     m = pb.ModelProto(
         pieces=[pb.ModelProto.SentencePiece(piece=p, score=s, type=t) for p, s, t in zip(tokens, scores, types)],
         # as in Llama: BPE over the pieces' scores, unk/bos/eos ids 0/1/2, no padding, the text taken as it is
@@ -376,12 +334,11 @@ def _from_tokenizer_json(path, spec):
     # ids missing from both tables are holes: special tokens no text can produce
     special = {**added, **{f"<|hole_{i}|>": i for i, t in enumerate(tokens) if t is None}}
     cfg = _read_json(Path(path).parent / "tokenizer_config.json", missing={})
+    ids = {**vocab, **special}
 
-    def tok_id(key):
-        v = cfg.get(key)
-        v = v.get("content") if isinstance(v, dict) else v
-        return special.get(v, vocab.get(v)) if v else None
-    bos, eos = tok_id("bos_token"), tok_id("eos_token")
+    def tok_id(v):  # tokenizer_config.json names a token as "text" or {"content": "text", ...}
+        return ids.get(v.get("content") if isinstance(v, dict) else v)
+    bos, eos = tok_id(cfg.get("bos_token")), tok_id(cfg.get("eos_token"))
     if eos is None:
         eos = next((special[t] for t in STOP_TOKENS if t in special), None)
     if eos is None:
@@ -408,9 +365,9 @@ def _pattern_from_pre_tokenizer(pre, path):
 
 def _from_tiktoken_file(path, spec):
     """A tiktoken rank file (Llama-3's original tokenizer.model): "base64-token rank" lines + 256 specials."""
+    import tiktoken
     lines = [line.split() for line in Path(path).read_bytes().splitlines() if line.strip()]
     ranks = {base64.b64decode(tok): int(rank) for tok, rank in lines}
-    import tiktoken
     n = len(ranks)
     names = LLAMA3_NAMED_SPECIALS + [f"<|reserved_special_token_{k}|>" for k in range(2, 256 - 9)]
     special = {name: n + k for k, name in enumerate(names[:256])}
@@ -439,15 +396,11 @@ def _from_sentencepiece(model_bytes, spec, siblings=None):
         added.update({v["content"]: int(k) for k, v in dec.items()})
     added = {t: i for t, i in added.items() if i >= n}
     special.update(added)
-    table = [b""] * (max([n - 1] + list(added.values())) + 1)
+    table = [b""] * (max([n - 1] + list(added.values())) + 1)  # token id -> its bytes
     for i in range(n):
         piece = sp.id_to_piece(i)
-        if sp.is_byte(i):
-            table[i] = bytes([int(piece[3:5], 16)])
-        elif sp.is_control(i) or sp.is_unknown(i):
-            table[i] = piece.encode() if not sp.is_unknown(i) else " \u2047 ".encode()
-        else:
-            table[i] = piece.replace("\u2581", " ").encode()
+        table[i] = (bytes([int(piece[3:5], 16)]) if sp.is_byte(i) else " \u2047 ".encode() if sp.is_unknown(i) else
+                    piece.encode() if sp.is_control(i) else piece.replace("\u2581", " ").encode())
     for t, i in added.items():
         table[i] = t.encode()
     bos = sp.bos_id() if sp.bos_id() >= 0 else None
@@ -475,14 +428,10 @@ def check_same_vocab(expected, tok=None, vocab_size=None, what="the draft"):
 
 def frequent_ids(token_lists, k, tok):
     """The k token ids a trimmed draft head keeps (VocabTrim, arXiv 2506.22694; FR-Spec, arXiv 2502.14856): the
-    special tokens first, sorted by id, then the ids most frequent in token_lists, ties broken by the smaller id
-    (ids the lists never hold come last, by id), so the same data always gives the same list.
-
-    "Special" is every id a template or the stop rule needs, however rare in text: tok.special (what the tokenizer
-    keeps apart from ordinary text: GGUF control and user-defined tokens, tokenizer.json added tokens and the
-    placeholders of its missing ids, sentencepiece control / unknown pieces and Hugging Face added tokens, Llama-3's
-    256 reserved tokens), tok.stop_ids (may include an ordinary token named eos by tokenizer_config.json) and bos.
-    """
+    special tokens first, by id, then the ids most frequent in token_lists, ties (and ids never seen) by the
+    smaller id, so the same data always gives the same list. "Special" is every id a template or the stop rule
+    needs, however rare in text: tok.special (control, user-defined and added tokens, tokenizer.json holes,
+    Llama-3's 256 reserved tokens), tok.stop_ids (may include an ordinary token named eos) and bos."""
     keep = sorted(set(tok.special.values()) | set(tok.stop_ids) | ({tok.bos_id} - {None}))
     if not isinstance(k, (int, np.integer)) or not len(keep) <= k <= tok.vocab_size:
         raise UserError(f"a trimmed vocabulary of {tok.spec!r} needs {len(keep)} <= k <= {tok.vocab_size} (its "

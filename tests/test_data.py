@@ -103,6 +103,10 @@ def test_hub_style_stream_shards_by_node(tmp_path):
     r1 = list(data.read_documents(spec, rank=1, world_size=2))
     assert len(whole) == 300 and not set(r0) & set(r1)
     assert sorted(r0 + r1) == sorted(data.read_documents(spec))
+    # resuming a rank's stream at a position gives the rest of that rank's stream (not of the whole stream)
+    source = data.Source(spec)
+    full = list(source.docs("train", 1, 2, seed=0, epoch=0))
+    assert list(source.docs("train", 1, 2, seed=0, epoch=0, start=full[40][0])) == full[41:]
 
 
 @pytest.mark.parametrize("mixture", [False, True])
