@@ -1,16 +1,13 @@
 """
-Stages 1 and 2 of FastDraft (Zafrir et al., "FastDraft: How to Train Your Draft", arXiv 2411.11055):
-pretrain a small draft LM with next-token prediction on natural language (PT), then continue pretraining
-from that checkpoint on a code + prose mixture (CP). The draft always uses the *target's* tokenizer:
-speculative decoding compares draft and target distributions token by token, so the vocabularies must match.
+Stages 1 and 2 of FastDraft (Zafrir et al., "FastDraft: How to Train Your Draft", arXiv 2411.11055): pretrain a
+small draft LM with next-token prediction on natural language (PT), then continue pretraining it on a code + prose
+mixture (CP). The draft always uses the *target's* tokenizer: speculative decoding compares draft and target
+distributions token by token, so the vocabularies must match.
 
     python pretrain.py                                   # CPU-sized draft for SmolLM2, ~10 min on 2 idle cores
     python pretrain.py --init-from out/pretrain --data "builtin:code=0.67,builtin:prose=0.33" --out out/continued
     torchrun --nproc_per_node 8 pretrain.py --device hpu --preset fastdraft-150m \\
         --target /models/Llama-3.1-8B-Instruct --data fineweb --max-tokens 10e9 --out out/llama-draft
-
-A thin script over train.py (the loss, optimizer, schedule, checkpoints and the loop): flags -> setup -> train ->
-report. What is its own: the draft's shape, the data stream, and how ranks share it.
 """
 import argparse
 import dataclasses
@@ -33,37 +30,8 @@ from model import PRESETS, Transformer
 from train import (LoopConfig, end_run, configure_optimizer, fused_next_token_loss, given_flags, next_token_loss,
                    restore, resume_args, setup_distributed, summary, train, trim_to_frequent)
 
-DEFAULT_PRESET = "cpu-small"
 LOSSES = {"fused": fused_next_token_loss, "plain": next_token_loss}
 HEAD_VOCAB_TOKENS = 1_000_000   # without --head-vocab-from, the subset is counted over this many training tokens
-
-
-class RankRows:
-    """This rank's rows of a global batch: every rank reads the same stream of world*B rows and keeps rows
-    [rank*B, (rank+1)*B). N processes x B rows then train on exactly the rows, in the same order, that one
-    process with N*B rows would (equal losses, any world size); the price is that every rank tokenizes the
-    whole stream, cheap next to a training step (data.py packs millions of tokens per second)."""
-
-    def __init__(self, batches, rank, world_size, batch_size):
-        self.batches, self.rank, self.world_size, self.batch_size = batches, rank, world_size, batch_size
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        lo = self.rank * self.batch_size
-        return tuple(t[lo:lo + self.batch_size] for t in next(self.batches))   # (world*B, T) -> (B, T)
-
-    def state_dict(self):
-        return self.batches.state_dict()
-
-    def load_state_dict(self, state):
-        self.batches.load_state_dict(state)
-
-
-# -----------------------------------------------------------------------------------------------------------
-# Flags
-
 SHAPE_FLAGS = ["dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "head_dim", "rope_theta"]
 # On --resume these come from the checkpoint (they define the run); the others belong to this session.
 RUN_FLAGS = ["preset", *SHAPE_FLAGS, "tokenizer", "init_from", "init_from_target", "target_layers", "head_vocab",
@@ -81,7 +49,7 @@ def make_parser():
                "builtin:prose=0.33\". Real-world: torchrun --nproc_per_node 8 pretrain.py --device hpu "
                "--preset fastdraft-150m --target <Llama-3.1-8B folder> --data fineweb --max-tokens 10e9")
     m = p.add_argument_group("draft model")
-    m.add_argument("--preset", default=DEFAULT_PRESET, help=f"size preset from model.py: {', '.join(PRESETS)}")
+    m.add_argument("--preset", default="cpu-small", help=f"size preset from model.py: {', '.join(PRESETS)}")
     m.add_argument("--dim", type=int, help="hidden size (overrides the preset)")
     m.add_argument("--n-layers", type=int, help="transformer blocks (overrides the preset)")
     m.add_argument("--n-heads", type=int, help="attention heads (overrides the preset)")
@@ -90,56 +58,50 @@ def make_parser():
     m.add_argument("--head-dim", type=int, help="per-head size (default dim / n-heads)")
     m.add_argument("--rope-theta", type=float, help="RoPE base (overrides the preset)")
     m.add_argument("--tokenizer", "--target", dest="tokenizer", default="smollm2",
-                   help="the target whose vocabulary the draft uses: 'smollm2', a HF folder, a .gguf, a draft "
-                        "folder, tokenizer.json/.model (default with --init-from: the draft's own tokenizer)")
-    m.add_argument("--init-from", metavar="DIR", help="start from this draft's weights with a fresh optimizer and "
-                                                      "schedule (continued pretraining, FastDraft stage 2)")
-    m.add_argument("--init-from-target", metavar="SPEC",
-                   help="start from the target's embedding table (and head rows), projected onto its leading "
-                        "singular directions when the draft is narrower; the default --tokenizer becomes SPEC")
-    m.add_argument("--target-layers", metavar="I,J,...",
-                   help="with --init-from-target: also copy these decoder layers and the final norm (a layer-pruned "
-                        "copy; the draft then has the target's width, heads and ffn, and this many layers)")
-    m.add_argument("--head-vocab", type=int, metavar="K",
-                   help="the draft's head predicts only K tokens: the most frequent in the target's text "
-                        "(--head-vocab-from) or else in the first training rows (at most 1M tokens of --data); "
-                        "special and stop tokens always kept. A trimmed --init-from draft keeps its own subset")
+                   help="the target whose vocabulary the draft uses: smollm2, a HF folder, a .gguf, a draft folder, "
+                        "tokenizer.json/.model (default with --init-from: the draft's own tokenizer)")
+    m.add_argument("--init-from", metavar="DIR",
+                   help="start from this draft's weights, fresh optimizer and schedule (continued pretraining)")
+    m.add_argument("--init-from-target", metavar="SPEC", help="start from the target's embedding table (and head "
+                   "rows), SVD-projected if narrower; the default --tokenizer becomes SPEC")
+    m.add_argument("--target-layers", metavar="I,J,...", help="with --init-from-target: also copy these decoder "
+                   "layers and the final norm (the draft then has the target's width, heads and ffn)")
+    m.add_argument("--head-vocab", type=int, metavar="K", help="the head predicts only the K tokens most frequent in "
+                   "--head-vocab-from, or else in the first training rows (at most 1M tokens); special and stop "
+                   "tokens always kept. A trimmed --init-from draft keeps its own subset")
     m.add_argument("--head-vocab-from", metavar="DIR[,DIR]",
                    help="`distill.py generate` folders whose completions (the target's text) choose --head-vocab")
     d = p.add_argument_group("data")
-    d.add_argument("--data", default="builtin", help="training data spec (data.py): builtin, builtin:code, fineweb, "
-                                                     "hf:NAME..., files/globs, or a mixture 'a=0.7,b=0.3'")
-    d.add_argument("--data-sharding", default="rows", choices=["rows", "documents"],
-                   help="under torchrun: rows = all ranks read one stream and split each global batch (the "
-                        "same training as one process with the global batch); documents = each rank reads "
-                        "only its own documents (less reading per rank on huge clusters)")
+    d.add_argument("--data", default="builtin",
+                   help="data spec (data.py): builtin, builtin:code, fineweb, hf:NAME..., files/globs, or a=0.7,b=0.3")
+    d.add_argument("--data-sharding", default="rows", choices=["rows", "documents"], help="under torchrun: rows = "
+                   "all ranks read one stream and split each global batch (the same training as one process); "
+                   "documents = each rank reads only its own documents (less reading per rank)")
     d.add_argument("--val-data", help="held-out data spec (default: the held-out split of --data)")
     d.add_argument("--val-batches", type=int, default=8, help="batches per validation (0: no validation)")
     d.add_argument("--seq-len", type=int, default=256, help="tokens per training row")
     d.add_argument("--batch-size", type=int, default=4, help="rows per micro-batch per process")
     d.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    d.add_argument("--max-tokens", type=float, default=5e5,
-                   help="training budget in tokens (steps = max-tokens / global batch tokens)")
+    d.add_argument("--max-tokens", type=float, default=5e5, help="training budget (steps = it / global batch tokens)")
     o = p.add_argument_group("optimization")
     o.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     o.add_argument("--min-lr", type=float, help="final learning rate of the cosine decay (default lr / 10)")
     o.add_argument("--warmup", type=int, help="linear warmup steps (default 5%% of the steps, at most 2000)")
     o.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (matrices only)")
     o.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
-    o.add_argument("--dtype", default="auto", help="compute dtype under autocast: auto (bf16 on cuda/hpu, fp32 on "
-                                                   "cpu), float32, bfloat16 (cpu too); weights stay fp32")
+    o.add_argument("--dtype", default="auto",
+                   help="autocast dtype: auto (bf16 on cuda/hpu, fp32 on cpu), float32, bfloat16; weights stay fp32")
     o.add_argument("--loss", default="fused", choices=list(LOSSES),
                    help="fused: chunked output layer + cross-entropy (less memory); plain: the textbook version")
     o.add_argument("--compile", action="store_true", help="torch.compile the model (hpu_backend on Gaudi)")
     r = p.add_argument_group("run")
-    r.add_argument("--out", help="checkpoint folder (default out/pretrain, or out/continued with --init-from, "
-                                 "or the --resume folder)")
+    r.add_argument("--out", help="checkpoint folder (default out/pretrain, out/continued with --init-from, or DIR "
+                                 "of --resume)")
     r.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR exactly where it stopped")
     r.add_argument("--eval-every", type=int, default=50, help="validate every N steps (0: only at start and end)")
     r.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: only at the end)")
     r.add_argument("--log-every", type=int, default=10, help="log line every N steps")
-    r.add_argument("--stop-at", type=int, metavar="STEP",
-                   help="save and stop after this step, keeping the schedule of the full run (resume later)")
+    r.add_argument("--stop-at", type=int, metavar="STEP", help="save and stop after STEP, on the full run's schedule")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda, mps or hpu")
     r.add_argument("--seed", type=int, default=0, help="model init and data order")
     r.add_argument("--json", metavar="PATH", help="write the final numbers as one JSON object")
@@ -149,13 +111,10 @@ def make_parser():
 def check_args(args):
     """Reject impossible values with one line (exit 2)."""
     for name in ["seq_len", "batch_size", "grad_accum", "max_tokens", "log_every", "lr", "head_vocab", *SHAPE_FLAGS]:
-        v = getattr(args, name)
-        if v is not None and v <= 0:
+        if (v := getattr(args, name)) is not None and v <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive (got {v})")
-    for name in ["min_lr", "warmup", "weight_decay", "grad_clip", "eval_every", "save_every", "stop_at",
-                 "val_batches"]:
-        v = getattr(args, name)
-        if v is not None and v < 0:
+    for name in ["min_lr", "warmup", "weight_decay", "grad_clip", "eval_every", "save_every", "stop_at", "val_batches"]:
+        if (v := getattr(args, name)) is not None and v < 0:
             raise UserError(f"--{name.replace('_', '-')} must not be negative (got {v})")
     if args.preset not in PRESETS:
         raise UserError(f"unknown preset {args.preset!r} (choose from: {', '.join(PRESETS)})")
@@ -169,7 +128,6 @@ def check_args(args):
 
 # -----------------------------------------------------------------------------------------------------------
 # Setup: the draft and its data
-
 
 def build_draft(args, tok, given, device):
     """A fresh draft from --preset + shape flags (or the target's shape with --target-layers), started from the
@@ -222,13 +180,11 @@ def parse_layers(text, n_layers):
 @torch.no_grad()
 def init_from_target(draft, target, layers=()):
     """The draft starts from the target (FastDraft trains from scratch; this is an option to measure): its
-    embedding table and head rows, and with `layers` those decoder layers and the final norm.
-
-    A narrower draft (width d < D) gets the table projected onto its d leading right-singular vectors: with
-    E = U S V^T, E @ V_d = U_d S_d is the best rank-d approximation of E (Eckart-Young) written in d coordinates,
-    so the directions that tell the target's tokens apart most are kept. Plain SVD, not PCA: the table is not
-    centred, since a tied head's logits use the mean direction too. An untied draft head gets the target's head
-    rows in the same coordinates."""
+    embedding table and head rows, and with `layers` those decoder layers and the final norm. A narrower draft
+    (width d < D) gets the table projected onto its d leading right-singular vectors: with E = U S V^T,
+    E @ V_d = U_d S_d is the best rank-d approximation of E (Eckart-Young) in d coordinates, so the directions that
+    tell the target's tokens apart most are kept. Plain SVD, not PCA: the table is not centred, since a tied
+    head's logits use the mean direction too. An untied draft head gets the target's head rows the same way."""
     E = target.embed_tokens.weight.float()                                    # (V, D)
     H = E if target.lm_head is None else target.lm_head.weight.float()        # (V, D) the target's head rows
     if draft.config.dim != E.shape[1]:
@@ -266,6 +222,42 @@ def load_resumed(folder, tok, device):
     return draft
 
 
+class RankRows:
+    """This rank's rows [rank*B, (rank+1)*B) of a global batch of world*B rows that every rank reads: N processes x B
+    rows train on exactly the rows one process with N*B rows would (equal losses). The price, every rank tokenizing
+    the whole stream, is small next to a training step (data.py packs millions of tokens per second)."""
+
+    def __init__(self, batches, rank, batch_size):
+        self.batches, self.lo, self.hi = batches, rank * batch_size, (rank + 1) * batch_size
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return tuple(t[self.lo:self.hi] for t in next(self.batches))   # (world*B, T) -> (B, T)
+
+    def state_dict(self):
+        return self.batches.state_dict()
+
+    def load_state_dict(self, state):
+        self.batches.load_state_dict(state)
+
+
+def make_batches(args, tok, dist, device):
+    """Training batches for this rank (see --data-sharding) and rank 0's validation batches."""
+    if args.data_sharding == "rows":
+        batches = data.iterate_batches(args.data, tok, args.seq_len, args.batch_size * dist.world, seed=args.seed)
+        batches = RankRows(batches, dist.rank, args.batch_size)
+    else:   # each rank its own documents (data.py's sharding): no shared stream
+        batches = data.iterate_batches(args.data, tok, args.seq_len, args.batch_size, seed=args.seed,
+                                       rank=dist.rank, world_size=dist.world, device=device)
+    val_batches = None
+    if dist.rank == 0 and args.val_batches:
+        val_batches = data.validation_batches(args.val_data or args.data, tok, args.seq_len, args.batch_size,
+                                              args.val_batches, device=device)
+    return batches, val_batches
+
+
 def replicas_identical(draft, ddp):
     """True when every rank holds bit-identical weights (DDP keeps replicas in step; this checks it)."""
     if not ddp:
@@ -278,53 +270,61 @@ def replicas_identical(draft, ddp):
     return len(set(digests)) == 1
 
 
-def make_batches(args, tok, dist, device):
-    """Training batches for this rank (see --data-sharding) and rank 0's validation batches."""
-    if args.data_sharding == "rows":   # one global stream, each rank its slice of every batch (see RankRows)
-        batches = data.iterate_batches(args.data, tok, args.seq_len, args.batch_size * dist.world, seed=args.seed)
-        batches = RankRows(batches, dist.rank, dist.world, args.batch_size)
-    else:                              # each rank its own documents (data.py's sharding): no shared stream
-        batches = data.iterate_batches(args.data, tok, args.seq_len, args.batch_size, seed=args.seed,
-                                       rank=dist.rank, world_size=dist.world, device=device)
-    val_batches = None
-    if dist.rank == 0 and args.val_batches:
-        val_batches = data.validation_batches(args.val_data or args.data, tok, args.seq_len, args.batch_size,
-                                              args.val_batches, device=device)
-    return batches, val_batches
-
-
 def next_commands(out, args):
     """What to run after this stage (FastDraft: PT -> CP -> FT)."""
-    generate = (f"python distill.py generate --target {args.tokenizer} --prompts magpie:96,code:builtin:code:96 "
-                f"--out out/synthetic")
+    generate = f"python distill.py generate --target {args.tokenizer} --prompts magpie:96,code:builtin:code:96 " \
+               f"--out out/synthetic"
     if not args.init_from:
         return [f"python pretrain.py --init-from {out} --data \"builtin:code=0.67,builtin:prose=0.33\" "
                 f"--out out/continued", generate]
-    return [generate,
-            f"python distill.py train --draft {out} --target {args.tokenizer} --data out/synthetic --out out/aligned"]
+    return [generate, f"python distill.py train --draft {out} --target {args.tokenizer} --data out/synthetic "
+                      f"--out out/aligned"]
+
+
+def report_run(args, report, draft, world, in_step, tokens_per_step):
+    """Rank 0's last words: the numbers (--json), the validation curve, and how to resume or what to run next."""
+    if not in_step:
+        print("warning: the ranks ended with different weights (a DDP bug or non-deterministic kernels)")
+    result = {"out": args.out, **summary(report), "params": draft.num_params(), "tokens": report["tokens"],
+              "world_size": world, "replicas_identical": in_step, "global_batch_tokens": tokens_per_step,
+              "first_step": report["first_step"], "train_seconds": round(report["train_seconds"], 2),
+              "head_vocab": None if draft.head_ids is None else len(draft.head_ids)}
+    vals = report["val_history"]
+    if vals:
+        result["val_ppl_end"] = math.exp(min(vals[-1][1], 50))
+        print(f"val loss {vals[0][1]:.4f} (step {vals[0][0]}) -> {vals[-1][1]:.4f} (step {vals[-1][0]}), "
+              f"perplexity {result['val_ppl_end']:.1f}; {report['tokens_per_second']:,.0f} tokens/s")
+    if args.json:
+        write_json(args.json, result)
+    resume = f"continue with: python pretrain.py --resume {args.out}"
+    if report["stopped"] == "signal":
+        print(f"stopped by signal {report['signal']} after step {report['step']}; checkpoint in {args.out}\n{resume}")
+    elif report["stopped"] == "stop_at":
+        print(f"stopped at step {report['step']} (--stop-at); {resume}")
+    else:
+        print(f"draft saved to {args.out}/ (config.json + model.safetensors: loads in transformers too)\nnext:")
+        for cmd in next_commands(args.out, args):
+            print(f"  {cmd}")
 
 
 # -----------------------------------------------------------------------------------------------------------
 
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    args = make_parser().parse_args(argv)
-    given = given_flags(make_parser(), argv)
+    args, given = make_parser().parse_args(argv), given_flags(make_parser(), argv)
     if args.resume and (args.init_from or args.init_from_target):
         raise UserError("--resume and --init-from exclude each other (resume continues a run; init-from starts one)")
     # extending (or shortening) the budget of a resumed run is allowed; the cosine schedule follows it
     meta = resume_args(args, given, RUN_FLAGS, may_change=["max_tokens"]) if args.resume else {}
     check_args(args)
-    if args.init_from and "tokenizer" not in given and not args.resume:
-        path = os.path.join(args.init_from, "config.json")
-        cfg = json.load(open(path)) if os.path.isfile(path) else {}
-        args.tokenizer = cfg.get("fastdraft", {}).get("tokenizer") or args.tokenizer
     if args.init_from_target and "tokenizer" not in given and not args.resume:
         args.tokenizer = args.init_from_target
+    elif args.init_from and "tokenizer" not in given and not args.resume:   # the draft's own tokenizer
+        path = os.path.join(args.init_from, "config.json")
+        if os.path.isfile(path):
+            args.tokenizer = json.load(open(path)).get("fastdraft", {}).get("tokenizer") or args.tokenizer
     args.out = args.out or ("out/continued" if args.init_from else "out/pretrain")
 
-    # setup: device, process group, tokenizer, draft, optimizer, data
     device, dist = setup_distributed(pick_device(args.device))
     if args.compile and device.type == "hpu" and hpu_lazy():
         raise UserError("--compile needs Gaudi's eager mode (PT_HPU_LAZY_MODE=0): lazy mode has no torch.compile "
@@ -341,23 +341,21 @@ def main(argv=None):
     if args.head_vocab and not args.resume:
         covered = trim_to_frequent(draft, args.head_vocab, tok, head_vocab_text(args, tok), say)
         say(f"head: {len(draft.head_ids)} tokens, {covered:.1%} of the tokens they were counted over")
+    head = None if draft.head_ids is None else len(draft.head_ids)
     draft.train()
     optimizer = configure_optimizer(draft, args.lr, args.weight_decay, device=device)
     batches, val_batches = make_batches(args, tok, dist, device)
     start_step = restore(args.resume, optimizer, batches, dist) if args.resume else 0
     tokens_per_step = args.seq_len * args.batch_size * args.grad_accum * dist.world
     max_steps = max(1, int(args.max_tokens) // tokens_per_step)
-    warmup = args.warmup if args.warmup is not None else min(2000, max(1, max_steps // 20))
-    min_lr = args.min_lr if args.min_lr is not None else args.lr / 10
-    cfg = LoopConfig(max_steps=max_steps, lr=args.lr, min_lr=min_lr, warmup=warmup, grad_accum=args.grad_accum,
-                     grad_clip=args.grad_clip, dtype=dtype, eval_every=args.eval_every, save_every=args.save_every,
-                     log_every=args.log_every, out=args.out, start_step=start_step, stop_at=args.stop_at,
-                     compile=args.compile, seq_len=args.seq_len)
-    n_params = draft.num_params()
-    say(f"draft: {n_params / 1e6:.2f}M parameters ({draft.num_params(non_embedding=True) / 1e6:.2f}M without "
-        f"embeddings), vocab {tok.vocab_size} from {tok.spec!r}"
-        f"{f' (head: {len(draft.head_ids)})' if draft.head_ids is not None else ''}, on {device}"
-        f"{' (' + str(dtype).replace('torch.', '') + ' autocast)' if dtype else ''}")
+    cfg = LoopConfig(max_steps=max_steps, lr=args.lr, min_lr=args.lr / 10 if args.min_lr is None else args.min_lr,
+                     warmup=min(2000, max(1, max_steps // 20)) if args.warmup is None else args.warmup,
+                     grad_accum=args.grad_accum, grad_clip=args.grad_clip, dtype=dtype, eval_every=args.eval_every,
+                     save_every=args.save_every, log_every=args.log_every, out=args.out, start_step=start_step,
+                     stop_at=args.stop_at, compile=args.compile, seq_len=args.seq_len)
+    say(f"draft: {draft.num_params() / 1e6:.2f}M parameters ({draft.num_params(non_embedding=True) / 1e6:.2f}M "
+        f"without embeddings), vocab {tok.vocab_size} from {tok.spec!r}{f' (head: {head})' if head else ''}, on "
+        f"{device}{' (' + str(dtype).replace('torch.', '') + ' autocast)' if dtype else ''}")
     say(f"global batch: {args.batch_size} rows x {args.seq_len} tokens x {args.grad_accum} accum x {dist.world} "
         f"process{'es' if dist.world > 1 else ''} = {tokens_per_step:,} tokens/step; {max_steps} steps for "
         f"{max_steps * tokens_per_step:,} tokens" + (f"; resuming at step {start_step}" if start_step else ""))
@@ -365,31 +363,8 @@ def main(argv=None):
     report = train(draft, optimizer, batches, cfg, device=device, loss_fn=LOSSES[args.loss], val_batches=val_batches,
                    dist=dist, log=say, extra={"args": vars(args), "val_history": meta.get("val_history", [])})
     in_step = replicas_identical(draft, dist.ddp)
-
-    # the report
     if dist.rank == 0:
-        if not in_step:
-            print("warning: the ranks ended with different weights (a DDP bug or non-deterministic kernels)")
-        result = {"out": args.out, **summary(report), "params": n_params, "tokens": report["tokens"],
-                  "world_size": dist.world, "replicas_identical": in_step, "global_batch_tokens": tokens_per_step,
-                  "first_step": report["first_step"], "train_seconds": round(report["train_seconds"], 2),
-                  "head_vocab": None if draft.head_ids is None else len(draft.head_ids)}
-        vals = report["val_history"]
-        if vals:
-            result["val_ppl_end"] = math.exp(min(vals[-1][1], 50))
-            say(f"val loss {vals[0][1]:.4f} (step {vals[0][0]}) -> {vals[-1][1]:.4f} (step {vals[-1][0]}), "
-                f"perplexity {result['val_ppl_end']:.1f}; {report['tokens_per_second']:,.0f} tokens/s")
-        if args.json:
-            write_json(args.json, result)
-        if report["stopped"] == "signal":
-            say(f"stopped by signal {report['signal']} after step {report['step']}; checkpoint in {args.out}\n"
-                f"continue with: python pretrain.py --resume {args.out}")
-        elif report["stopped"] == "stop_at":
-            say(f"stopped at step {report['step']} (--stop-at); continue with: python pretrain.py --resume {args.out}")
-        else:
-            say(f"draft saved to {args.out}/ (config.json + model.safetensors: loads in transformers too)\nnext:")
-            for cmd in next_commands(args.out, args):
-                say(f"  {cmd}")
+        report_run(args, report, draft, dist.world, in_step, tokens_per_step)
     end_run(report, dist)
 
 

@@ -1,12 +1,9 @@
 """
-What pretraining (pretrain.py, FastDraft stages 1-2) and alignment (distill.py, stage 3) share: the next-token
-loss, AdamW with warmup + cosine decay, torchrun setup, atomic checkpoints with exact resume, and the training
-loop (nanoGPT's), whose logging, validation and saving are small helpers. Read top to bottom: the loss -> the
-optimizer and schedule -> distributed data parallel -> checkpoints -> one step -> the loop.
-
-A loss_fn is any `loss_fn(draft, *batch) -> scalar tensor` (mean over the scored tokens); `batches` is any iterator
-of tuples of tensors, (x, y) with y == IGNORE not scored. If the iterator has state_dict() / load_state_dict(),
-its position is saved in checkpoints, so that --resume trains on exactly the batches an unbroken run would.
+What pretraining (pretrain.py, FastDraft stages 1-2) and alignment (distill.py, stage 3) share, in reading order:
+the next-token loss, AdamW with warmup + cosine decay, torchrun setup, atomic checkpoints with exact resume, and
+the training loop (nanoGPT's). A loss_fn is any `loss_fn(draft, *batch) -> scalar tensor` (mean over the scored
+tokens); `batches` is any iterator of tensor tuples, (x, y) with y == IGNORE not scored. If it has state_dict() /
+load_state_dict(), its position is checkpointed, so that --resume trains on exactly the batches an unbroken run would.
 """
 import argparse
 import contextlib
@@ -22,7 +19,6 @@ import shutil
 import signal
 import sys
 import time
-import types
 
 import torch
 import torch.nn as nn
@@ -60,9 +56,8 @@ def head_targets(draft, y):
 
 
 def trim_to_frequent(draft, k, tok, token_lists, say=print):
-    """--head-vocab K (VocabTrim, arXiv 2506.22694): the draft's head keeps the K tokens most frequent in
-    token_lists, the target's text (tokenizer.frequent_ids, special tokens first); a draft trimmed already keeps
-    its subset. Returns the share of the tokens in token_lists that the head can predict."""
+    """--head-vocab K (VocabTrim, arXiv 2506.22694): the head keeps the K tokens most frequent in token_lists (the
+    target's text; special tokens first); a trimmed draft keeps its subset. Returns the share of them it covers."""
     if draft.head_ids is None:
         draft.trim_head(tokenizer.frequent_ids(token_lists, k, tok))
     elif len(draft.head_ids) != k:
@@ -93,37 +88,42 @@ class WithLoss(nn.Module):
 # = softmax - onehot) and dropped. Measured on CPU, one forward + backward of cpu-small with the SmolLM2 vocabulary
 # at the default 4 x 256 rows: peak memory grows by 540 MB instead of 684 MB (-21%); its speed was not measured.
 
+def _chunked_cross_entropy(h, weight, targets, ignore_index, chunk_rows, mm_dtype, want_grad):
+    """(mean loss, grad_h, grad_w) of softmax(h @ weight.T) against targets, chunk_rows rows at a time."""
+    # h (N, C) final-normed hidden states, weight (V, C), targets (N,). The logits and grad_h matmuls run in
+    # mm_dtype (what autocast would pick); the softmax arithmetic and grad_w in float32.
+    valid = targets != ignore_index
+    n_valid = valid.sum().clamp(min=1).to(torch.float32)   # stays a tensor: no device sync here
+    safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
+    w = weight.to(mm_dtype)
+    grad_h = torch.empty_like(h) if want_grad else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grad else None
+    loss = torch.zeros((), dtype=torch.float32, device=h.device)
+    for s in range(0, h.shape[0], chunk_rows):
+        hc, tc, vc = h[s:s + chunk_rows], safe_targets[s:s + chunk_rows], valid[s:s + chunk_rows]
+        logits = (hc.to(mm_dtype) @ w.t()).float()                       # (n, V)
+        lse = torch.logsumexp(logits, dim=-1)                            # (n,)
+        target_logit = logits.gather(1, tc[:, None]).squeeze(1)          # (n,)
+        loss += ((lse - target_logit) * vc).sum()
+        if not want_grad:
+            continue
+        # d(mean loss)/d logits = (softmax - onehot(target)) / n_valid, zero on ignored rows; in place
+        g = logits.sub_(lse[:, None]).exp_()                             # (n, V) softmax
+        g.scatter_add_(1, tc[:, None], -torch.ones_like(lse)[:, None])
+        g.mul_((vc.to(g.dtype) / n_valid)[:, None])
+        grad_h[s:s + chunk_rows] = g.to(mm_dtype) @ w                    # (n, C)
+        grad_w.addmm_(g.t(), hc.float())                                 # (V, C) += (V, n) @ (n, C), float32
+    return loss / n_valid, grad_h, grad_w
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
-    """mean cross-entropy of softmax(h @ weight.T) against targets; gradients computed in the forward pass."""
+    """The chunked loss for autograd: its gradients are computed in forward() and only scaled in backward()."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, ignore_index, chunk_rows, mm_dtype):
-        # h (N, C) final-normed hidden states, weight (V, C), targets (N,). The logits and grad_h matmuls run in
-        # mm_dtype (what autocast would pick); the softmax arithmetic and grad_w in float32.
-        valid = targets != ignore_index
-        n_valid = valid.sum().clamp(min=1).to(torch.float32)   # stays a tensor: no device sync here
-        safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
-        w = weight.to(mm_dtype)
-        want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        grad_h = torch.empty_like(h) if want_grad else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grad else None
-        loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        for s in range(0, h.shape[0], chunk_rows):
-            hc, tc, vc = h[s:s + chunk_rows], safe_targets[s:s + chunk_rows], valid[s:s + chunk_rows]
-            logits = (hc.to(mm_dtype) @ w.t()).float()                       # (n, V)
-            lse = torch.logsumexp(logits, dim=-1)                            # (n,)
-            target_logit = logits.gather(1, tc[:, None]).squeeze(1)          # (n,)
-            loss += ((lse - target_logit) * vc).sum()
-            if not want_grad:
-                continue
-            # d(mean loss)/d logits = (softmax - onehot(target)) / n_valid, zero on ignored rows; in place
-            g = logits.sub_(lse[:, None]).exp_()                             # (n, V) softmax
-            g.scatter_add_(1, tc[:, None], -torch.ones_like(lse)[:, None])
-            g.mul_((vc.to(g.dtype) / n_valid)[:, None])
-            grad_h[s:s + chunk_rows] = g.to(mm_dtype) @ w                    # (n, C)
-            grad_w.addmm_(g.t(), hc.float())                                 # (V, C) += (V, n) @ (n, C), float32
+        loss, grad_h, grad_w = _chunked_cross_entropy(h, weight, targets, ignore_index, chunk_rows, mm_dtype, True)
         ctx.save_for_backward(grad_h, grad_w)
-        return loss / n_valid
+        return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -139,9 +139,7 @@ def linear_cross_entropy(h, weight, targets, ignore_index=IGNORE, chunk_rows=102
     mm_dtype = mm_dtype or h.dtype
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(h, weight, targets, ignore_index, chunk_rows, mm_dtype)
-    with torch.no_grad():  # evaluation: same chunking, no gradient buffers; a stand-in for autograd's ctx
-        ctx = types.SimpleNamespace(needs_input_grad=(False,) * 6, save_for_backward=lambda *tensors: None)
-        return _LinearCrossEntropy.forward(ctx, h, weight, targets, ignore_index, chunk_rows, mm_dtype)
+    return _chunked_cross_entropy(h, weight, targets, ignore_index, chunk_rows, mm_dtype, False)[0]   # evaluation
 
 
 def output_weight(draft):
@@ -169,17 +167,16 @@ def configure_optimizer(draft, lr, weight_decay, betas=(0.9, 0.95), device="cpu"
     """AdamW with weight decay on matrices only (not on norms, biases or other 1-D parameters), as in GPT-3;
     fused kernels on cuda/cpu/mps, Habana's FusedAdamW on hpu."""
     device = torch.device(device)
-    decay = [p for p in draft.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in draft.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    params = [p for p in draft.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     if device.type == "hpu":
         try:  # Habana's fused kernel; its default eps is 1e-6 (torch: 1e-8), hence the explicit value
             from habana_frameworks.torch.hpex.optimizers import FusedAdamW
             return FusedAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-        except ImportError:
-            pass  # some Gaudi releases refuse FusedAdamW in eager mode (ImportError); torch's AdamW runs there too
-    # One fused kernel over all tensors instead of a Python loop over parameters: on CPU the loop version
-    # takes longer than the forward + backward of a small draft.
+        except ImportError:  # some Gaudi releases refuse FusedAdamW in eager mode; torch's AdamW runs there too
+            pass
+    # fused: one kernel over all tensors; on CPU the per-parameter loop takes longer than a small draft's step
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=device.type in ("cuda", "cpu", "mps"))
 
 
@@ -204,8 +201,7 @@ class Dist:
     local_rank: int = 0
     ddp: bool = False
 
-    def say(self, *args, **kw):
-        """print on rank 0 only: one log, not one copy per process."""
+    def say(self, *args, **kw):   # rank 0 only: one log, not one copy per process
         if self.rank == 0:
             print(*args, **kw)
 
@@ -224,16 +220,6 @@ def setup_distributed(device):
     return device, dist
 
 
-def _reduce_sum(losses, flag, device, ddp):
-    """The pending step losses and the stop flag, summed over all ranks in one collective. The host waits for the
-    device here only (tolist), so a step that logs nothing queues work without a sync."""
-    t = torch.stack([*losses, torch.tensor(float(flag), device=device)])
-    t = t.to(torch.float64 if device.type == "cpu" else torch.float32)
-    if ddp:
-        torch.distributed.all_reduce(t)
-    return t.tolist()
-
-
 # -----------------------------------------------------------------------------------------------------------
 # Checkpoints: <folder>/config.json + model.safetensors (checkpoint.save_model: HF Llama layout, loads in
 # transformers) + train_state.pt (optimizer tensors, RNG tensors, and a JSON string with everything else;
@@ -249,34 +235,32 @@ def _pid_alive(pid):
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:   # alive, another user's
+        pass
     return True
 
 
 def _recover_checkpoint(folder):
     """Undo a swap interrupted between its two renames; drop leftovers of dead saves."""
-    folder = folder.rstrip("/")
-    if not os.path.isdir(folder):
-        olds = [d for d in glob.glob(glob.escape(folder) + ".old-*")
-                if os.path.isfile(os.path.join(d, "train_state.pt"))]
-        if olds:
-            os.replace(max(olds, key=os.path.getmtime), folder)
+    olds = glob.glob(glob.escape(folder) + ".old-*")
+    whole = [d for d in olds if os.path.isfile(os.path.join(d, "train_state.pt"))]
+    if whole and not os.path.isdir(folder):
+        os.replace(max(whole, key=os.path.getmtime), folder)
     if os.path.isdir(folder):
-        for d in glob.glob(glob.escape(folder) + ".old-*") + glob.glob(glob.escape(folder) + ".tmp-*"):
+        for d in olds + glob.glob(glob.escape(folder) + ".tmp-*"):
             pid = d.rsplit("-", 1)[-1]
-            if d.endswith(".old-" + pid) or (pid.isdigit() and not _pid_alive(int(pid))):
+            if d in olds or (pid.isdigit() and not _pid_alive(int(pid))):
                 shutil.rmtree(d, ignore_errors=True)
 
 
 def save_checkpoint(folder, draft, optimizer, step, data_state, extra=None):
     """Write the draft + training state to `folder` atomically (a good previous checkpoint is never lost)."""
-    folder = folder.rstrip("/")
+    folder, extra = folder.rstrip("/"), extra or {}
     _recover_checkpoint(folder)
     tmp, old = f"{folder}.tmp-{os.getpid()}", f"{folder}.old-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    meta = {"step": step, "data": data_state, "python_rng": random.getstate(), **(extra or {})}
-    save_model(draft, tmp, extra={"step": step, **{k: v for k, v in (extra or {}).items() if k != "args"}})
+    meta = {"step": step, "data": data_state, "python_rng": random.getstate(), **extra}
+    save_model(draft, tmp, extra={"step": step, **{k: v for k, v in extra.items() if k != "args"}})
     if os.environ.get(SAVE_DELAY_ENV):
         time.sleep(float(os.environ[SAVE_DELAY_ENV]))
     rng = {"torch": torch.get_rng_state()}
@@ -291,8 +275,8 @@ def save_checkpoint(folder, draft, optimizer, step, data_state, extra=None):
 
 
 def load_checkpoint(folder, optimizer=None):
-    """Read <folder>/train_state.pt; with an optimizer, restore its state and the RNG streams. Returns the
-    metadata dict ("step", "data", "args", ... whatever `extra` held)."""
+    """Read <folder>/train_state.pt; with an optimizer (a real resume), also restore its state and the RNG streams.
+    Returns the metadata dict ("step", "data", "args", ... whatever `extra` held)."""
     folder = folder.rstrip("/")
     _recover_checkpoint(folder)
     path = os.path.join(folder, "train_state.pt")
@@ -305,7 +289,7 @@ def load_checkpoint(folder, optimizer=None):
             optimizer.load_state_dict(state["optimizer"])
     except Exception as e:  # truncated file, not ours, or an optimizer of another shape
         raise UserError(f"checkpoint {path} is corrupt or incompatible ({type(e).__name__}: {e})".splitlines()[0])
-    if optimizer is not None:  # only a real resume restores the RNG streams
+    if optimizer is not None:
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
@@ -317,13 +301,12 @@ def load_checkpoint(folder, optimizer=None):
 def given_flags(parser, argv):
     """The names (dest) of the flags given on the command line, so that --resume tells them from defaults.
     Overwrites the parser's defaults: pass a fresh one."""
-    def suppress(p):
+    parsers = [parser]
+    for p in parsers:   # the list grows by the subcommands' parsers as they are found
         for action in p._actions:
             action.default = argparse.SUPPRESS
             if isinstance(action, argparse._SubParsersAction):
-                for sub in action.choices.values():
-                    suppress(sub)
-    suppress(parser)
+                parsers += action.choices.values()
     return set(vars(parser.parse_args(argv)))
 
 
@@ -359,14 +342,12 @@ def restore(folder, optimizer, batches, dist):
 
 def train_step(wrapped, optimizer, batches, grad_accum, grad_clip, device, dtype=None, ddp=False):
     """One optimizer step: grad_accum micro-batches, gradient clipping, the AdamW update (nanoGPT's loop)."""
-    total = torch.zeros((), device=device)
-    tokens = 0
+    total, tokens = torch.zeros((), device=device), 0
     for micro in range(grad_accum):
         batch = tuple(t.to(device, non_blocking=True) for t in next(batches))
         tokens += batch[0].numel()
         # DDP all-reduces gradients in every backward unless told not to: only the last micro-batch needs it.
-        no_sync = wrapped.no_sync() if ddp and micro < grad_accum - 1 else contextlib.nullcontext()
-        with no_sync:
+        with wrapped.no_sync() if ddp and micro < grad_accum - 1 else contextlib.nullcontext():
             with autocast(device, dtype):
                 loss = wrapped(*batch)
             (loss / grad_accum).backward()
@@ -383,15 +364,13 @@ def train_step(wrapped, optimizer, batches, grad_accum, grad_clip, device, dtype
 @torch.no_grad()
 def evaluate(draft, batches, device, dtype=None, loss_fn=next_token_loss):
     """Mean loss over held-out batches (perplexity = exp of it)."""
-    was_training = draft.training
     draft.eval()
     losses = []
     for batch in batches:
-        batch = tuple(t.to(device) for t in batch)
         with autocast(device, dtype):
-            losses.append(loss_fn(draft, *batch).float())
+            losses.append(loss_fn(draft, *(t.to(device) for t in batch)).float())
         mark_step(device)   # Habana lazy mode: one graph per batch, not one for the whole validation
-    draft.train(was_training)
+    draft.train()
     return torch.stack(losses).mean().item()
 
 
@@ -403,17 +382,9 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L
               "RTX 4090": 165e12, "GAUDI3": 1835e12, "GAUDI2": 432e12}
 
 
-def peak_flops(device):
-    """Peak bf16 FLOP/s of one device, or None when unknown (CPU, MPS, unlisted cards)."""
-    name = (torch.cuda.get_device_name(device) if device.type == "cuda" else
-            importlib.import_module("habana_frameworks.torch.hpu").get_device_name() if device.type == "hpu" else "")
-    return next((v for k, v in PEAK_FLOPS.items() if k in name.upper()), None)
-
-
 def _hms(seconds):
-    seconds = int(seconds)
-    h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}h{m % 60:02d}m{s:02d}s" if m >= 60 else f"{m}m{s:02d}s"
 
 
 @dataclasses.dataclass
@@ -441,15 +412,15 @@ class Progress:
     Throughput counts train_step time only: evaluation and saving are not throughput."""
 
     def __init__(self, cfg, draft, device, dist, log):
-        self.cfg, self.dist = cfg, dist
+        self.cfg, self.dist, self.bar = cfg, dist, None
         self.flops_per_token = draft.flops_per_token(cfg.seq_len) if cfg.seq_len else None
-        self.peak = peak_flops(device)
-        self.bar = None
+        hpu = device.type == "hpu" and importlib.import_module("habana_frameworks.torch.hpu")
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else hpu.get_device_name() if hpu else ""
+        self.peak = next((v for k, v in PEAK_FLOPS.items() if k in name.upper()), None)   # None: CPU, MPS, unlisted
         if dist.rank == 0 and sys.stderr.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=cfg.max_steps, initial=cfg.start_step, unit="step", dynamic_ncols=True)
-            log = self.bar.write
-        self.log = log
+        self.log = self.bar.write if self.bar else log
         self.t_start = time.time()   # restarted after the first validation
         self.train_seconds, self.tokens, self.since_log = 0.0, 0, [0.0, 0]
 
@@ -476,10 +447,6 @@ class Progress:
         eta = (now - self.t_start) / (step - c.start_step) * (c.max_steps - step)
         self.log(line + f" | elapsed {_hms(now - self.t_start)} | ETA {_hms(eta)}")
         self.since_log = [0.0, 0]
-
-    def close(self):
-        if self.bar:
-            self.bar.close()
 
 
 class _StopFlag:
@@ -510,6 +477,16 @@ def _wrap(draft, loss_fn, device, dist, compile=False):
     return wrapped
 
 
+def _reduce_sum(losses, flag, device, ddp):
+    """The pending step losses and the stop flag, summed over all ranks in one collective. The host waits for the
+    device here only (tolist), so a step that logs nothing queues work without a sync."""
+    t = torch.stack([*losses, torch.tensor(float(flag), device=device)])
+    t = t.to(torch.float64 if device.type == "cpu" else torch.float32)
+    if ddp:
+        torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
 def _save(out, draft, optimizer, batches, step, dist, meta, log):
     """Checkpoint at `step`: every rank's data position goes into the one checkpoint rank 0 writes."""
     states = [batches.state_dict() if hasattr(batches, "state_dict") else None]
@@ -523,10 +500,7 @@ def _save(out, draft, optimizer, batches, step, dist, meta, log):
 
 def train(draft, optimizer, batches, cfg, *, device, loss_fn, val_batches=None, dist=Dist(), extra=None, log=print):
     """Train until cfg.max_steps (or cfg.stop_at, or SIGINT/SIGTERM); validate, log, checkpoint. Returns a report.
-
-    extra: a JSON-able dict stored in every checkpoint's metadata (e.g. {"args": vars(args)}); its "val_history",
-    from the checkpoint a run resumes, is continued. A checkpoint is written every cfg.save_every steps, at the
-    last step, at cfg.stop_at and on a signal."""
+    extra: a JSON-able dict kept in every checkpoint (e.g. {"args": vars(args)}); its "val_history" is continued."""
     wrapped = _wrap(draft, loss_fn, device, dist, cfg.compile)
     draft.train()
     progress = Progress(cfg, draft, device, dist, log)
@@ -575,7 +549,8 @@ def train(draft, optimizer, batches, cfg, *, device, loss_fn, val_batches=None, 
             if cfg.out and (stopped or save_now):
                 _save(cfg.out, draft, optimizer, batches, step, dist,
                       {**extra, "world_size": dist.world, "val_history": val_history}, progress.log)
-    progress.close()
+    if progress.bar:
+        progress.bar.close()
     return {"step": step, "max_steps": cfg.max_steps, "losses": losses, "first_step": cfg.start_step + 1,
             "val_history": val_history, "tokens": progress.tokens, "seconds": time.time() - progress.t_start,
             "train_seconds": progress.train_seconds, "stopped": stopped, "signal": stop.signum,
