@@ -143,11 +143,8 @@ def read_file(path, limit):
 
 def read_hf(source, limit):
     """hf:NAME[:CONFIG][:SPLIT][:FIELD] -> the first `limit` rows' FIELD (default: the first text column), streamed."""
+    import datasets  # only hf: sources need it
     name, config, split, field = data.parse_hf_spec(source, split="test")
-    try:
-        import datasets
-    except ImportError:
-        raise UserError(f"task source {source} needs the datasets package: pip install datasets")
     try:
         rows = list(itertools.islice(datasets.load_dataset(name, config, split=split, streaming=True), limit))
     except Exception as e:  # offline, unknown name, bad config: datasets raises many kinds; the message says which

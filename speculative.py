@@ -249,13 +249,11 @@ def generate(target, draft, prompt_ids, max_new_tokens, gamma=3, temperature=0.6
     """Speculative sampling with static KV caches (Leviathan et al. 2023, Algorithm 1, looped) -> (new_ids, stats),
     new_ids distributed exactly as autoregressive(target, ...) would sample them.
 
-    on_tokens(tokens, n_from_draft) gets each round's new tokens, the first n_from_draft accepted drafts, the last
-    sampled by the target. Stops at max_new_tokens, or right after a token in stop_ids (included), even a draft.
-    draft_threshold > 0: a round stops drafting where the draft's top probability (in q_i; greedy: its softmax) is
-    below it, like HF's assistant_confidence_threshold and llama.cpp's p_min; it looks only at the draft, so it
-    stays exact. A trimmed draft head (model.trim_head) samples from its K tokens; verify gets that q, zero outside
-    them. draft may be target itself: one shared KV cache, correct since both write the same keys and values at
-    the same positions. dtype: of the sampling sums and uniforms (None: the device's)."""
+    on_tokens(tokens, n_from_draft) gets each round's new tokens, the first n_from_draft accepted drafts. Stops at
+    max_new_tokens, or right after a token in stop_ids (included), even a draft. draft_threshold > 0 stops a round's
+    drafting where the draft's top probability is below it (HF's assistant_confidence_threshold, llama.cpp's p_min):
+    it looks only at the draft, so it stays exact. draft may be target itself: one shared KV cache, correct since
+    both write the same keys and values at the same positions. dtype: of the sampling sums (None: the device's)."""
     _check_settings(max_new_tokens, temperature, top_k, top_p, gamma, draft_threshold)
     # the target's last forward may reach gamma slots past the end; keep the bound simple and safe
     needed = len(prompt_ids) + max_new_tokens + gamma + 1
