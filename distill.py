@@ -388,6 +388,9 @@ def check_train_args(args):
                  "log_every", "head_vocab"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive")
+    for name in ("min_lr", "warmup", "weight_decay", "grad_clip", "eval_every", "save_every", "stop_at", "max_steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must not be negative")
     if args.top_k is not None and args.top_k < 1:
         raise UserError("--top-k must be >= 1")
     if not 0 <= args.val_fraction < 1:

@@ -295,7 +295,8 @@ def test_train_resumes_exactly(folders, smollm2_tok, tmp_path):
 @pytest.mark.parametrize("case, message", [
     ("loss", "unknown loss"), ("vocabulary", "vocabulary mismatch"), ("no_shards", "no shards"),
     ("corrupt_shard", r"shard-r0-p00001-t1\.jsonl:2: corrupt"), ("no_prompts", "has no prompts"),
-    ("missing_prompts", "not found"), ("empty_prompts", "empty"), ("unknown_source", "unknown prompt source")])
+    ("missing_prompts", "not found"), ("empty_prompts", "empty"), ("unknown_source", "unknown prompt source"),
+    ("negative_warmup", "--warmup must not be negative")])
 def test_bad_input_is_one_clear_line(case, message, folders, smollm2_tok, tmp_path):
     write_synthetic(tmp_path / "syn", smollm2_tok, n=4)
     train = ["train", "--draft", str(folders / "draft"), "--target", str(folders / "target"), "--out",
@@ -315,7 +316,8 @@ def test_bad_input_is_one_clear_line(case, message, folders, smollm2_tok, tmp_pa
             "no_prompts": prompts + [str(tmp_path / "none.txt")],
             "missing_prompts": prompts + [str(tmp_path / "nope.jsonl")],
             "empty_prompts": prompts + [""],
-            "unknown_source": prompts + ["alpaca"]}[case]
+            "unknown_source": prompts + ["alpaca"],
+            "negative_warmup": train + ["--warmup", "-1"]}[case]
     with pytest.raises(common.UserError, match=message):
         distill.main(argv)
 
