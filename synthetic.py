@@ -186,7 +186,8 @@ def encode_prompt(tok, p):
 
 
 def keep_prompts(tok, prompts, max_prompt_tokens):
-    """(The prompts encoded ("ids"), evaluation prompts refused, repeats and over-long ones dropped; counts)."""
+    """Evaluation prompts refused, repeats and over-long ones dropped, the rest encoded (p["ids"]).
+    Returns (kept prompts, counts of the dropped ones)."""
     refused, first = evaluation_prompts(), {}
     kept = [p for p in prompts if p["text"].strip() not in refused]
     for p in kept:
