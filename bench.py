@@ -484,11 +484,7 @@ def main(argv=None):
     drafts, ratios, models = [], {}, {}
     for name, spec in stage_specs:
         draft = checkpoint.load_model(spec, device=device, dtype=dtype)
-        try:
-            draft_tok = tokenizer.load_tokenizer(spec)
-        except UserError:  # a draft folder without a tokenizer spec: the vocabulary size check still runs
-            draft_tok = None
-        tokenizer.check_same_vocab(tok, draft_tok, vocab_size=draft.config.vocab_size)
+        tokenizer.check_draft_vocab(tok, spec, draft.config.vocab_size)
         drafts.append((name, draft))
         ratios[name] = speculative.cost_ratio(draft, target)
         models[name] = {"spec": spec, "params": draft.num_params(), **ratios[name],

@@ -32,7 +32,7 @@ from checkpoint import load_model, save_model
 from common import (UserError, decode_dtype, mark_step, pick_device, run_cli, train_dtype, write_atomic,
                     write_json)
 from speculative import make_generator, sample, sample_probs, sampling_dtype
-from train import (IGNORE, LoopConfig, autocast_off, configure_optimizer, end_run, fused_next_token_loss,
+from train import (IGNORE, LoopConfig, autocast_off, check_flags, configure_optimizer, end_run, fused_next_token_loss,
                    given_flags, head_targets, restore, resume_args, setup_distributed, summary, train,
                    trim_to_frequent)
 
@@ -300,7 +300,7 @@ def make_parser():
     t.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
     t.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
     t.add_argument("--min-lr", type=float, help="end of the cosine decay (default lr / 10)")
-    t.add_argument("--warmup", type=int, help="linear warmup steps (default 5%% of the steps)")
+    t.add_argument("--warmup", type=int, help="linear warmup steps (default 5%% of the steps, at most 2000)")
     t.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (matrices only)")
     t.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
     t.add_argument("--val-fraction", type=float, default=0.05, help="share of prompts held out for validation")
@@ -335,9 +335,7 @@ RUN_FLAGS = ["draft", "target", "data", "loss", "kd_temperature", "top_k", "kd_w
 
 
 def cmd_generate(args):
-    for name in ("batch_size", "max_new_tokens", "max_prompt_tokens", "magpie_max_tokens"):
-        if getattr(args, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive")
+    check_flags(args, positive=["batch_size", "max_new_tokens", "max_prompt_tokens", "magpie_max_tokens"])
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise UserError("--top-p must be in (0, 1]")
     try:
@@ -384,15 +382,10 @@ def check_train_args(args):
         raise UserError("train needs --draft DIR and --data DIR (or --resume DIR)")
     if args.loss not in LOSSES:
         raise UserError(f"unknown loss {args.loss!r} (choose {', '.join(LOSSES)})")
-    for name in ("seq_len", "batch_size", "grad_accum", "epochs", "lr", "kd_temperature", "val_batches",
-                 "log_every", "head_vocab"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive")
-    for name in ("min_lr", "warmup", "weight_decay", "grad_clip", "eval_every", "save_every", "stop_at", "max_steps"):
-        if getattr(args, name) is not None and getattr(args, name) < 0:
-            raise UserError(f"--{name.replace('_', '-')} must not be negative")
-    if args.top_k is not None and args.top_k < 1:
-        raise UserError("--top-k must be >= 1")
+    check_flags(args, positive=["seq_len", "batch_size", "grad_accum", "epochs", "lr", "kd_temperature", "val_batches",
+                                "log_every", "head_vocab", "top_k"],
+                non_negative=["min_lr", "warmup", "weight_decay", "grad_clip", "eval_every", "save_every", "stop_at",
+                              "max_steps"])
     if not 0 <= args.val_fraction < 1:
         raise UserError("--val-fraction must be in [0, 1)")
 
@@ -402,12 +395,8 @@ def load_models(args, device, dtype):
     both checked against the target's vocabulary, as is the data."""
     ttok = data_target(args)
     draft = load_model(args.resume or args.draft, device=device, dtype=torch.float32)
-    try:
-        dtok = tokenizer.load_tokenizer(args.draft) if draft.config.tokenizer else None
-    except UserError:
-        dtok = None   # a draft folder whose tokenizer is not on this machine: the size check still applies
     # distillation compares the two models' distributions token id by token id: one vocabulary for all
-    tokenizer.check_same_vocab(ttok, dtok, draft.config.vocab_size, what="the draft")
+    tokenizer.check_draft_vocab(ttok, args.draft, draft.config.vocab_size)
     target = None
     if args.loss != "ce":
         target = load_model(args.target, device=device, dtype=dtype if device.type != "cpu" else None)
@@ -445,8 +434,7 @@ def cmd_train(args, given):
     start_step = restore(args.resume, optimizer, batches, dist) if args.resume else 0
     rows_per_step = args.batch_size * args.grad_accum * dist.world
     max_steps = args.max_steps or max(1, math.ceil(args.epochs * len(train_rows) / rows_per_step))
-    cfg = LoopConfig(max_steps=max_steps, lr=args.lr, min_lr=args.min_lr if args.min_lr is not None else args.lr / 10,
-                     warmup=args.warmup if args.warmup is not None else max(1, max_steps // 20),
+    cfg = LoopConfig(max_steps=max_steps, lr=args.lr, min_lr=args.min_lr, warmup=args.warmup,
                      grad_accum=args.grad_accum, grad_clip=args.grad_clip, dtype=dtype, eval_every=args.eval_every,
                      save_every=args.save_every, log_every=args.log_every, out=args.out, start_step=start_step,
                      stop_at=args.stop_at, seq_len=args.seq_len)

@@ -27,8 +27,8 @@ import tokenizer
 from checkpoint import load_model
 from common import UserError, hpu_lazy, pick_device, run_cli, train_dtype, write_json
 from model import PRESETS, Transformer
-from train import (LoopConfig, end_run, configure_optimizer, fused_next_token_loss, given_flags, next_token_loss,
-                   restore, resume_args, setup_distributed, summary, train, trim_to_frequent)
+from train import (LoopConfig, check_flags, end_run, configure_optimizer, fused_next_token_loss, given_flags,
+                   next_token_loss, restore, resume_args, setup_distributed, summary, train, trim_to_frequent)
 
 LOSSES = {"fused": fused_next_token_loss, "plain": next_token_loss}
 HEAD_VOCAB_TOKENS = 1_000_000   # without --head-vocab-from, the subset is counted over this many training tokens
@@ -110,12 +110,10 @@ def make_parser():
 
 def check_args(args):
     """Reject impossible values with one line (exit 2)."""
-    for name in ["seq_len", "batch_size", "grad_accum", "max_tokens", "log_every", "lr", "head_vocab", *SHAPE_FLAGS]:
-        if (v := getattr(args, name)) is not None and v <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive (got {v})")
-    for name in ["min_lr", "warmup", "weight_decay", "grad_clip", "eval_every", "save_every", "stop_at", "val_batches"]:
-        if (v := getattr(args, name)) is not None and v < 0:
-            raise UserError(f"--{name.replace('_', '-')} must not be negative (got {v})")
+    check_flags(args, positive=["seq_len", "batch_size", "grad_accum", "max_tokens", "log_every", "lr", "head_vocab",
+                                *SHAPE_FLAGS],
+                non_negative=["min_lr", "warmup", "weight_decay", "grad_clip", "eval_every", "save_every", "stop_at",
+                              "val_batches"])
     if args.preset not in PRESETS:
         raise UserError(f"unknown preset {args.preset!r} (choose from: {', '.join(PRESETS)})")
     if args.target_layers and not args.init_from_target:
@@ -211,13 +209,8 @@ def head_vocab_text(args, tok):
 
 
 def load_resumed(folder, tok, device):
-    """The draft of the run being resumed, with a clear line for a truncated or foreign checkpoint."""
-    try:
-        draft = load_model(folder, device=device, dtype=torch.float32)
-    except UserError:
-        raise
-    except Exception as e:  # a truncated or foreign model.safetensors / config.json
-        raise UserError(f"checkpoint {folder} is corrupt ({type(e).__name__}: {e})".splitlines()[0])
+    """The draft of the run being resumed (load_model says in one line what is wrong with a corrupt one)."""
+    draft = load_model(folder, device=device, dtype=torch.float32)
     tokenizer.check_same_vocab(tok, vocab_size=draft.config.vocab_size, what=f"checkpoint {folder}")
     return draft
 
@@ -348,8 +341,7 @@ def main(argv=None):
     start_step = restore(args.resume, optimizer, batches, dist) if args.resume else 0
     tokens_per_step = args.seq_len * args.batch_size * args.grad_accum * dist.world
     max_steps = max(1, int(args.max_tokens) // tokens_per_step)
-    cfg = LoopConfig(max_steps=max_steps, lr=args.lr, min_lr=args.lr / 10 if args.min_lr is None else args.min_lr,
-                     warmup=min(2000, max(1, max_steps // 20)) if args.warmup is None else args.warmup,
+    cfg = LoopConfig(max_steps=max_steps, lr=args.lr, min_lr=args.min_lr, warmup=args.warmup,
                      grad_accum=args.grad_accum, grad_clip=args.grad_clip, dtype=dtype, eval_every=args.eval_every,
                      save_every=args.save_every, log_every=args.log_every, out=args.out, start_step=start_step,
                      stop_at=args.stop_at, compile=args.compile, seq_len=args.seq_len)

@@ -411,11 +411,8 @@ def main():
     draft = target if args.draft == args.target else checkpoint.load_model(args.draft, device=device, dtype=dtype)
     _check_vocab(target, draft)  # the size first: it needs no tokenizer
     tok = tokenizer.load_tokenizer(args.target)
-    try:
-        draft_tok = tok if draft is target else tokenizer.load_tokenizer(args.draft)
-    except common.UserError:
-        draft_tok = None  # no tokenizer found for the draft: the vocabulary size check above still holds
-    tokenizer.check_same_vocab(tok, draft_tok)
+    if draft is not target:
+        tokenizer.check_draft_vocab(tok, args.draft, draft.config.vocab_size)
     if args.compile:
         compile_models(device, target, draft)
 

@@ -426,6 +426,16 @@ def check_same_vocab(expected, tok=None, vocab_size=None, what="the draft"):
                         f"{expected.spec!r}; {why}")
 
 
+def check_draft_vocab(expected, draft_spec, vocab_size, what="the draft"):
+    """check_same_vocab against the draft's size and, when its tokenizer can be found, its tokens too (a draft
+    folder whose tokenizer is not on this machine is checked by size alone)."""
+    try:
+        tok = load_tokenizer(draft_spec)
+    except UserError:
+        tok = None
+    check_same_vocab(expected, tok, vocab_size, what)
+
+
 def frequent_ids(token_lists, k, tok):
     """The k token ids a trimmed draft head keeps (VocabTrim, arXiv 2506.22694; FR-Spec, arXiv 2502.14856): the
     special tokens first, by id, then the ids most frequent in token_lists, ties (and ids never seen) by the

@@ -298,6 +298,14 @@ def load_checkpoint(folder, optimizer=None):
     return meta
 
 
+def check_flags(args, positive=(), non_negative=()):
+    """One clear line (exit 2) for a flag that must be > 0 or >= 0; flags left unset (None) pass."""
+    for names, bad, want in ((positive, lambda v: v <= 0, "positive"), (non_negative, lambda v: v < 0, "non-negative")):
+        for name in names:
+            if (v := getattr(args, name)) is not None and bad(v):
+                raise UserError(f"--{name.replace('_', '-')} must be {want} (got {v})")
+
+
 def given_flags(parser, argv):
     """The names (dest) of the flags given on the command line, so that --resume tells them from defaults.
     Overwrites the parser's defaults: pass a fresh one."""
@@ -392,8 +400,8 @@ class LoopConfig:
     """The loop's settings: the schedule, the step, and when to validate, log, save (out=None: never) and stop."""
     max_steps: int
     lr: float
-    min_lr: float
-    warmup: int
+    min_lr: float = None               # None: lr / 10
+    warmup: int = None                 # None: 5% of the steps, at most 2000
     grad_accum: int = 1
     grad_clip: float = 1.0
     dtype: torch.dtype = None          # autocast dtype; None: full precision
@@ -405,6 +413,10 @@ class LoopConfig:
     stop_at: int = None
     compile: bool = False
     seq_len: int = None                # for FLOPs per token (MFU); None: not shown
+
+    def __post_init__(self):
+        self.min_lr = self.lr / 10 if self.min_lr is None else self.min_lr
+        self.warmup = min(2000, max(1, self.max_steps // 20)) if self.warmup is None else self.warmup
 
 
 class Progress:

@@ -296,7 +296,7 @@ def test_train_resumes_exactly(folders, smollm2_tok, tmp_path):
     ("loss", "unknown loss"), ("vocabulary", "vocabulary mismatch"), ("no_shards", "no shards"),
     ("corrupt_shard", r"shard-r0-p00001-t1\.jsonl:2: corrupt"), ("no_prompts", "has no prompts"),
     ("missing_prompts", "not found"), ("empty_prompts", "empty"), ("unknown_source", "unknown prompt source"),
-    ("negative_warmup", "--warmup must not be negative")])
+    ("negative_warmup", "--warmup must be non-negative")])
 def test_bad_input_is_one_clear_line(case, message, folders, smollm2_tok, tmp_path):
     write_synthetic(tmp_path / "syn", smollm2_tok, n=4)
     train = ["train", "--draft", str(folders / "draft"), "--target", str(folders / "target"), "--out",
