@@ -66,9 +66,10 @@ def _has_hpu():
         return False
     try:
         _import_habana()
-        return torch.hpu.is_available()
-    except Exception:  # a broken bridge: no usable hpu
-        return False
+    except Exception as e:  # e.g. a torch from PyPI over the image's own: say so, never fall back silently
+        raise UserError(f"Habana's bridge is installed but failed to import ({type(e).__name__}: {e}); "
+                        f"is the torch it was built for installed?") from e
+    return torch.hpu.is_available()
 
 
 def _import_habana():

@@ -63,16 +63,20 @@ def test_smollm2_logits_match_transformers(smollm2_pair):
 
 
 def test_smollm2_bfloat16_logits_are_close_to_transformers_bfloat16(smollm2_pair, smollm2_tok):
-    """In bf16 both implementations round differently (fused projections, kernel order), so the bar is closeness
-    on the scale of bf16 rounding through 30 layers, and the same greedy choice wherever it is not a near tie."""
-    ours, theirs = (copy.deepcopy(m).to(torch.bfloat16) for m in smollm2_pair)
+    """In bf16 both implementations round differently (fused projections, kernel order, the CPU's own kernels),
+    so the bar is measured here: ours is as close to the float32 logits as transformers' bf16 is, and both pick
+    the same greedy token wherever the gap is wider than what rounding moved either of them."""
     idx = torch.tensor([smollm2_tok.encode("def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n")])
+    ours, theirs = (copy.deepcopy(m).to(torch.bfloat16) for m in smollm2_pair)
     with torch.no_grad():
-        a, b = ours(idx)[0], theirs(idx).logits[0].float()
-    assert (a - b).abs().max() < 1.5 and (a - b).abs().mean() < 0.3   # measured: 0.84 and 0.15
-    top2 = b.topk(2, -1).values
-    clear = (top2[:, 0] - top2[:, 1]) > 1.5
-    assert torch.equal(a.argmax(-1)[clear], b.argmax(-1)[clear]) and clear.sum() >= len(clear) // 2
+        ref = smollm2_pair[0](idx)[0]
+        a, b = ours(idx)[0].float(), theirs(idx).logits[0].float()
+    err_ours, err_theirs = (a - ref).abs(), (b - ref).abs()
+    assert err_ours.mean() > 1e-3 and err_theirs.mean() > 1e-3   # both really ran in bf16
+    assert err_ours.mean() < 2 * err_theirs.mean() and err_ours.max() < 2 * err_theirs.max()
+    top2 = ref.topk(2, -1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * max(err_ours.max(), err_theirs.max())   # no rounding flips these
+    assert torch.equal(a.argmax(-1)[clear], b.argmax(-1)[clear]) and clear.sum() >= len(clear) // 4
 
 
 def test_smollm2_cached_decoding_matches_full_forward(smollm2_pair):
