@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import platform
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -121,6 +122,24 @@ def cpu_has_bf16():
         return False
 
 
+def cpu_name():
+    """This CPU's model name (Linux /proc/cpuinfo), or the platform's processor string: a cache key for timings."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cache_file(name):
+    """A file in this user's cache for fastdraft ($FASTDRAFT_CACHE, else ~/.cache/fastdraft): per-machine facts."""
+    folder = Path(os.environ.get("FASTDRAFT_CACHE") or Path.home() / ".cache" / "fastdraft")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / name
+
+
 _DTYPES = {"auto": None, None: None, "float32": torch.float32, "fp32": torch.float32,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -136,10 +155,17 @@ def parse_dtype(name):
 
 def decode_dtype(device, name="auto"):
     """The --dtype flag of a decoding script -> the weights' dtype. auto: bf16 on cuda / hpu and on a CPU with bf16
-    matrix units (2.4x fp32's decoding speed on SmolLM2 with avx512_bf16), float32 elsewhere."""
+    matrix units, float32 elsewhere. This rule suits batched generation; whether bf16 pays at batch 1 on a CPU
+    depends on the CPU, so speculative.py and bench.py measure that instead (speculative.fastest_dtypes)."""
     kind = torch.device(device).type
     bf16 = kind in ("cuda", "hpu") or (kind == "cpu" and cpu_has_bf16())
     return parse_dtype(name) or (torch.bfloat16 if bf16 else torch.float32)
+
+
+def measure_decode_dtype(device, name="auto"):
+    """True where --dtype auto must be decided by timing both dtypes: batch-1 decoding on a CPU with bf16 units
+    (AMD's avx512_bf16 decodes SmolLM2 2.4x faster in bf16, Intel's AMX 0.93x: README, "Precision")."""
+    return parse_dtype(name) is None and torch.device(device).type == "cpu" and cpu_has_bf16()
 
 
 def train_dtype(device, name):

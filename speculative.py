@@ -9,6 +9,9 @@ Run: python speculative.py --draft smollm2 --compare     (the target as its own 
 
 import argparse
 import codecs
+import copy
+import json
+import statistics
 import sys
 import time
 
@@ -352,7 +355,75 @@ def speedup(base_seconds, base_tokens, spec_seconds, spec_tokens):
 
 
 # -----------------------------------------------------------------------------
-# 6. the command line
+# 6. which dtype each job runs fastest in, on this machine
+
+@torch.no_grad()
+def step_costs(target, draft, prompt_ids, gamma, repeats=7):
+    """Median seconds of the forwards a round is made of: one draft step, one target forward over gamma+1
+    tokens, and one target forward over 1 token (what plain decoding pays per token)."""
+    device = next(target.parameters()).device
+    n = len(prompt_ids)
+    for m in (target, draft):
+        m.setup_cache(1, max_seq_len=n + gamma + 1)
+        if n > 1:  # the prompt but its last token, as generate() leaves the caches before a round
+            m(torch.tensor([prompt_ids[:-1]], device=device), input_pos=0, last_n=1)
+
+    def median_seconds(m, n_tokens):
+        x = torch.tensor([prompt_ids[-1:] * n_tokens], device=device)
+        times = []
+        for _ in range(repeats + 1):  # the first is a warm-up
+            common.sync(device)
+            t0 = time.perf_counter()
+            m(x, input_pos=n - 1, last_n=n_tokens)[0, -1, 0].item()  # .item(): it really ran (lazy devices)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times[1:])
+
+    return {"t_draft": median_seconds(draft, 1), "t_target_1": median_seconds(target, 1),
+            "t_target_gamma1": median_seconds(target, gamma + 1)}
+
+
+def in_dtype(model, dtype):
+    """The model itself if it is in dtype already, else a copy in dtype (the original is kept)."""
+    return model if next(model.parameters()).dtype == dtype else copy.deepcopy(model).to(dtype)
+
+
+def fastest_dtypes(target, draft, gamma, say=print):
+    """--dtype auto on a CPU with bf16 units: time both jobs in float32 and bfloat16 and give each the faster
+    -> {"autoregressive": dtype, "speculative": dtype}. Plain decoding pays a 1-token target forward a token; a
+    round pays gamma draft steps and a (gamma+1)-token target forward. Which wins depends on the CPU (Intel's AMX
+    makes a 1-row bf16 matmul slower than fp32's, 4 rows as cheap as 1), so it is measured once per machine and
+    cached ($FASTDRAFT_CACHE, default ~/.cache/fastdraft/decode_dtypes.json; delete the file to measure again)."""
+    key = (f"{common.cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads | target "
+           f"{target.num_params()} | draft {draft.num_params()} | gamma {gamma}")
+    path = common.cache_file("decode_dtypes.json")
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    costs, how = cache.get(key), f"cached in {path}"
+    if costs is None:
+        prompt = list(range(1, 65))  # a 64-token context: what a chat prompt gives the caches to read
+        runs = {name: [] for name in ("float32", "bfloat16")}
+        for _ in range(2):  # interleaved, so a change in the machine's load hits both dtypes alike
+            for name in runs:
+                dt = common.parse_dtype(name)
+                runs[name].append(step_costs(in_dtype(target, dt), in_dtype(draft, dt), prompt, gamma, repeats=5))
+        costs = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
+        cache[key] = costs
+        common.write_json(path, cache)
+        how = f"measured now, cached in {path}"
+    per_token = {name: c["t_target_1"] for name, c in costs.items()}
+    per_round = {name: gamma * c["t_draft"] + c["t_target_gamma1"] for name, c in costs.items()}
+    picks = {"autoregressive": min(per_token, key=per_token.get), "speculative": min(per_round, key=per_round.get)}
+    say(f"dtype auto ({how}): plain decoding {picks['autoregressive']} (a token: "
+        + ", ".join(f"{n} {1000 * t:.1f} ms" for n, t in per_token.items()) + f"); speculative "
+        f"{picks['speculative']} (a round of gamma {gamma}: "
+        + ", ".join(f"{n} {1000 * t:.1f} ms" for n, t in per_round.items()) + ")")
+    return {job: common.parse_dtype(name) for job, name in picks.items()}
+
+
+# -----------------------------------------------------------------------------
+# 7. the command line
 
 def compile_models(device, *models):
     """--compile: torch.compile every model's decoder layers once, the KV cache read in buckets (compile_blocks),
@@ -405,7 +476,8 @@ def main():
     checkpoint.resolve_spec(args.draft)
 
     device = common.pick_device(args.device)
-    dtype = common.decode_dtype(device, args.dtype)  # both models in one dtype
+    measure = common.measure_decode_dtype(device, args.dtype)  # auto on a CPU with bf16 units: time both
+    dtype = torch.float32 if measure else common.decode_dtype(device, args.dtype)
     target = checkpoint.load_model(args.target, device=device, dtype=dtype)
     # the target as its own draft: one copy in memory (generate() handles the shared cache)
     draft = target if args.draft == args.target else checkpoint.load_model(args.draft, device=device, dtype=dtype)
@@ -413,8 +485,16 @@ def main():
     tok = tokenizer.load_tokenizer(args.target)
     if draft is not target:
         tokenizer.check_draft_vocab(tok, args.draft, draft.config.vocab_size)
+    # each job in its own fastest dtype; --compare also times plain decoding in the speculative run's dtype
+    dtypes = fastest_dtypes(target, draft, args.gamma) if measure else dict(autoregressive=dtype, speculative=dtype)
+    spec_dtype, base_dtype = dtypes["speculative"], dtypes["autoregressive"]
+    target, draft = in_dtype(target, spec_dtype), (None if draft is target else in_dtype(draft, spec_dtype))
+    draft = draft or target
+    bases = {base_dtype: in_dtype(target, base_dtype)}  # the fastest plain decoding (first), the same dtype's
+    if args.compare:
+        bases.setdefault(spec_dtype, target)
     if args.compile:
-        compile_models(device, target, draft)
+        compile_models(device, target, draft, *bases.values())
 
     prompt_ids = tok.chat([{"role": "user", "content": args.prompt}]) if args.chat else tok.encode(args.prompt)
     settings = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
@@ -436,7 +516,8 @@ def main():
 
     if args.compare:  # warm-up: first calls pay for allocation and lazy initialisation
         generate(target, draft, prompt_ids, min(8, args.max_new_tokens), **spec_settings)
-        autoregressive(target, prompt_ids, min(8, args.max_new_tokens), **settings)
+        for base_target in bases.values():
+            autoregressive(base_target, prompt_ids, min(8, args.max_new_tokens), **settings)
     if colour:
         print(f"{DRAFT_COLOUR}accepted draft tokens{RESET}  {TARGET_COLOUR}tokens sampled by the target{RESET}")
     if not args.chat:
@@ -450,8 +531,8 @@ def main():
 
     report = {"target": args.target, "draft": args.draft, "prompt_tokens": len(prompt_ids), "gamma": args.gamma,
               "draft_threshold": args.draft_threshold, "temperature": args.temperature, "top_k": args.top_k,
-              "top_p": args.top_p, "seed": args.seed, "dtype": str(dtype).removeprefix("torch."),
-              "speculative": spec}
+              "top_p": args.top_p, "seed": args.seed, "dtype": _name(spec_dtype),
+              "dtypes": {job: _name(d) for job, d in dtypes.items()}, "speculative": spec}
     print(f"speculative:    {spec['new_tokens']} tokens in {spec['seconds']:.2f} s = "
           f"{spec['tokens_per_second']:.1f} tokens/s | acceptance rate {spec['acceptance_rate']:.3f} "
           f"(per token {spec['beta']:.3f}) | block efficiency {spec['block_efficiency']:.2f} | "
@@ -459,15 +540,29 @@ def main():
           f"of {spec['target_forwards']} rounds")
     print(f"cost ratio c = {spec['c']:.4f} (non-embedding {spec['c_non_embedding']:.4f}) | MBSU {spec['mbsu']:.2f}")
 
-    if args.compare:
-        _, base = autoregressive(target, prompt_ids, args.max_new_tokens, **settings)
-        wall = speedup(base["seconds"], base["new_tokens"], spec["seconds"], spec["new_tokens"])
-        report.update(autoregressive=base, speedup=wall)
-        print(f"autoregressive: {base['new_tokens']} tokens in {base['seconds']:.2f} s = "
-              f"{base['tokens_per_second']:.1f} tokens/s")
-        print(f"wall-clock speedup {wall:.2f}x | MBSU {spec['mbsu']:.2f}")
+    if args.compare:  # plain decoding, timed silently too; its text is shown after the numbers
+        runs = {d: autoregressive(m, prompt_ids, args.max_new_tokens, **settings) for d, m in bases.items()}
+        walls = {d: speedup(b["seconds"], b["new_tokens"], spec["seconds"], spec["new_tokens"])
+                 for d, (_, b) in runs.items()}
+        report.update(autoregressive=runs[base_dtype][1], speedup=walls[base_dtype],
+                      autoregressive_same_dtype=runs[spec_dtype][1], speedup_same_dtype=walls[spec_dtype])
+        for d, (_, b) in runs.items():
+            why = "the fastest plain decoding here" + (", and the same dtype" if d == spec_dtype else "") \
+                if d == base_dtype else "the speculative run's dtype"
+            print(f"autoregressive: {b['new_tokens']} tokens in {b['seconds']:.2f} s = "
+                  f"{b['tokens_per_second']:.1f} tokens/s in {_name(d)} ({why})")
+        line = f"wall-clock speedup {walls[base_dtype]:.2f}x over the fastest plain decoding ({_name(base_dtype)})"
+        if base_dtype != spec_dtype:
+            line += f" | {walls[spec_dtype]:.2f}x over plain decoding in {_name(spec_dtype)}, the same dtype"
+        print(f"{line} | MBSU {spec['mbsu']:.2f}")
+        ar_ids = [t for t in runs[base_dtype][0] if t not in tok.stop_ids]
+        print(f"\nautoregressive text:\n{'' if args.chat else args.prompt}{tok.decode(ar_ids)}")
     if args.json:
         common.write_json(args.json, report)
+
+
+def _name(dtype):
+    return str(dtype).removeprefix("torch.")
 
 
 if __name__ == "__main__":

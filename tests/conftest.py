@@ -2,6 +2,7 @@
 several test files use (built once per session)."""
 import os
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Per-machine measurements (speculative.fastest_dtypes) go to a throwaway folder, never the user's cache.
+os.environ.setdefault("FASTDRAFT_CACHE", tempfile.mkdtemp(prefix="fastdraft-test-cache-"))
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:

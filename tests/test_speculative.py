@@ -553,11 +553,18 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, script, args, message):
 
 @pytest.mark.parametrize("cpu_bf16", [False, True])
 def test_cli_compare_times_a_silent_run_and_reports_both(tmp_path, monkeypatch, capsys, cpu_bf16):
+    """--compare: silent timed runs, both texts shown afterwards; with --dtype auto on a CPU with bf16 units each
+    job runs in the dtype measured fastest for it (here: bf16 for the rounds, fp32 for plain decoding, as on an
+    Intel CPU with AMX), and the speedup is quoted against the fastest plain decoding and the same dtype's."""
     # a tiny model in SmolLM2's vocabulary, so the real tokenizer is used; as its own draft it shares one cache
     m = tiny_model(0, vocab_size=49152, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64, bos_id=1,
                    eos_id=2, tokenizer="smollm2")
     checkpoint.save_model(m, str(tmp_path / "m"))
-    monkeypatch.setattr(common, "cpu_has_bf16", lambda: cpu_bf16)  # --dtype auto: bf16 where the CPU has it
+    monkeypatch.setattr(common, "cpu_has_bf16", lambda: cpu_bf16)  # --dtype auto: measured where it has bf16
+    monkeypatch.setenv("FASTDRAFT_CACHE", str(tmp_path / "cache"))
+    costs = {torch.float32: (1.0, 3.0, 6.0), torch.bfloat16: (0.5, 3.3, 3.4)}  # draft step, target 1, target 4
+    monkeypatch.setattr(S, "step_costs", lambda t, d, p, g, repeats=7: dict(zip(
+        ("t_draft", "t_target_1", "t_target_gamma1"), costs[next(t.parameters()).dtype])))
     compiled = []  # --compile, without the minutes of a real compile: the target as its own draft, once
     monkeypatch.setattr(M.Transformer, "compile_blocks", lambda self, **kw: compiled.append(self) or self)
     printed, during = [], []  # what stdout got outside and inside each generate() call
@@ -576,12 +583,20 @@ def test_cli_compare_times_a_silent_run_and_reports_both(tmp_path, monkeypatch, 
                                       "--prompt", "Once upon a time"])
     S.main()
     out = "".join(printed) + capsys.readouterr().out
+    measured = out.startswith("dtype auto (measured now")   # one line on how the dtypes were chosen, before
+    out = out.split("\n", 1)[1] if measured else out
     with open(tmp_path / "r.json") as f:
         r = json.load(f)
     spec, base = r["speculative"], r["autoregressive"]
-    assert during == ["", ""] and len(compiled) == 1  # the warm-up and the timed run wrote nothing
+    assert during == ["", ""] and len(compiled) == 1 + cpu_bf16  # the warm-up and the timed run wrote nothing
     assert out.startswith("Once upon a time") and len(out.split("speculative:")[0].strip()) > 16  # shown after
     assert r["dtype"] == ("bfloat16" if cpu_bf16 else "float32") and spec["new_tokens"] == base["new_tokens"]
+    assert r["dtypes"]["autoregressive"] == "float32" and measured == cpu_bf16
+    same = r["autoregressive_same_dtype"]
+    assert r["speedup_same_dtype"] == pytest.approx(same["seconds"] / same["new_tokens"] * spec["new_tokens"]
+                                                    / spec["seconds"])
+    assert (same != base) == cpu_bf16 and ("the same dtype" in out)
+    assert "autoregressive text:\nOnce upon a time" in out
     assert spec["c"] == 1.0 and spec["effective_gamma"] == spec["draft_forwards"] / spec["target_forwards"]
     assert spec["beta"] == spec["accepted"] / (spec["accepted"] + spec["rejections"])
     if not cpu_bf16:  # float32: the target agrees with itself exactly (bf16: see README, exactness in bf16)
