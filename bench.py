@@ -181,6 +181,13 @@ def read_task(task, source, limit):
     raise UserError(f"task {task!r}: source {source!r} is not a file or an hf: data set")
 
 
+def tuning_texts(task, source, limit):
+    """The tuning set: `limit` texts of the task that the reported set (read_task) does not hold, so a default
+    chosen on them (e.g. the draft-length rule's P) is not scored on the prompts it was chosen with."""
+    reported = set(read_task(task, source, limit))
+    return pick_evenly([t for t in read_task(task, source, 3 * limit) if t not in reported], limit)
+
+
 def task_prompts(task, texts, tok):
     """Raw texts -> prompt token ids: plain completion for code and text, the target's chat template otherwise."""
     prompts = []
@@ -230,18 +237,22 @@ def timed(fn, device):
     return out, time.perf_counter() - t0
 
 
-def measure(target, drafts, prompts, args, stop_ids, device, peer, progress):
-    """The loop. For each task x temperature x prompt: one autoregressive run, shared by every draft and setting,
-    then one speculative run per draft x gamma x draft threshold right after it (interleaved, so load drifts hit
-    both sides alike). Returns per-prompt records: baselines[(task, T)] and runs[(stage, task, gamma, P, T)]."""
+def measure(target, drafts, prompts, args, stop_ids, device, peer, progress, bases):
+    """The loop. For each task x temperature x prompt: the autoregressive runs, shared by every draft and setting
+    (bases: the fastest plain decoding first, then, if it differs, the speculative runs' dtype), then one
+    speculative run per draft x gamma x draft threshold right after them (interleaved, so load drifts hit both
+    sides alike). Returns per-prompt records: baselines[(task, T)] and runs[(stage, task, gamma, P, T)]."""
     baselines, runs = {}, {}
     sampling = dict(top_k=args.top_k, top_p=args.top_p, stop_ids=stop_ids)
     for (task, task_ids), temperature in itertools.product(prompts.items(), args.temperature):
         for i, ids in enumerate(task_ids):
             seed = args.seed + i  # the same seed for both sides of every comparison
-            (new, _), sec = timed(lambda: speculative.autoregressive(
-                target, ids, args.max_new_tokens, temperature=temperature, seed=seed, **sampling), device)
-            baselines.setdefault((task, temperature), []).append({"new_tokens": len(new), "seconds": sec})
+            rec = {}
+            for prefix, base in zip(("", "same_dtype_"), bases):
+                (new, _), sec = timed(lambda: speculative.autoregressive(
+                    base, ids, args.max_new_tokens, temperature=temperature, seed=seed, **sampling), device)
+                rec.update({prefix + "new_tokens": len(new), prefix + "seconds": sec})
+            baselines.setdefault((task, temperature), []).append(rec)
             progress.update(1)
             for (stage, draft), gamma, threshold in itertools.product(drafts, args.gamma, args.draft_threshold):
                 (new, st), sec = timed(lambda: speculative.generate(
@@ -261,30 +272,9 @@ def measure(target, drafts, prompts, args, stop_ids, device, peer, progress):
 # -----------------------------------------------------------------------------
 # the cost analysis: what the forwards of a round cost, and the speedup those costs predict
 
-@torch.no_grad()
-def measure_costs(target, draft, prompt_ids, gamma, repeats=7):
-    """Median seconds of the forwards a round is made of: one draft step, one target forward over gamma+1
-    tokens, and one target forward over 1 token (what the baseline pays per token)."""
-    device = next(target.parameters()).device
-    n = len(prompt_ids)
-    for m in (target, draft):
-        m.setup_cache(1, max_seq_len=n + gamma + 1)
-        if n > 1:  # the prompt but its last token, as speculative.py leaves the caches before a round
-            m(torch.tensor([prompt_ids[:-1]], device=device), input_pos=0, last_n=1)
-
-    def median_seconds(m, n_tokens):
-        x = torch.tensor([prompt_ids[-1:] * n_tokens], device=device)
-        # .item(): make sure the forward really ran (lazy devices); the first call is a warm-up
-        times = [timed(lambda: m(x, input_pos=n - 1, last_n=n_tokens)[0, -1, 0].item(), device)[1]
-                 for _ in range(repeats + 1)]
-        return statistics.median(times[1:])
-
-    return {"t_draft": median_seconds(draft, 1), "t_target_1": median_seconds(target, 1),
-            "t_target_gamma1": median_seconds(target, gamma + 1)}
-
-
 def predicted_speedup(tau, gamma, costs):
-    """The speedup the measured costs predict. A round pays gamma draft steps (the run's effective gamma) plus one
+    """The speedup the measured costs (speculative.step_costs, in the speculative runs' dtype) predict over plain
+    decoding in that dtype. A round pays gamma draft steps (the run's effective gamma) plus one
     target forward over up to gamma+1 tokens and yields tau tokens; the baseline pays a 1-token forward per token:
       speedup = tau * t_target(1) / (gamma * t_draft + t_target(gamma+1)),
     i.e. MBSU with c_time = t_draft / t_target(1) for c, and the timing of a (gamma+1)-token forward for "one
@@ -300,12 +290,15 @@ def ratio(a, b):
 def summarize(baselines, runs, ratios, timings):
     """Per-prompt records -> one row of metrics per (stage, task, gamma, draft threshold, temperature); sums first,
     then ratios, so every aggregate is a ratio of totals (the paper's alpha = total accepted / total drafted).
-    ratios[stage]: speculative.cost_ratio of the draft; timings[(stage, gamma)]: measure_costs of that pair."""
+    ratios[stage]: speculative.cost_ratio of the draft; timings[(stage, gamma)]: step_costs of that pair."""
     rows = []
     for (stage, task, gamma, threshold, temperature), recs in runs.items():
         base = baselines[(task, temperature)]
         tot = {k: sum(r[k] for r in recs) for k in COUNTS + ("generated", "seconds", "loop_seconds")}
         base_tokens, base_seconds = (sum(b[k] for b in base) for k in ("new_tokens", "seconds"))
+        # the same dtype's plain decoding, where the fastest one runs in another dtype
+        same_tokens, same_seconds = (sum(b.get("same_dtype_" + k, b[k]) for b in base)
+                                     for k in ("new_tokens", "seconds"))
         # Per-position acceptance: the i-th drafted token of a block is only judged when tokens 1..i-1 were
         # accepted, so "accepted at i" / "blocks that drafted i" is P(at least i tokens accepted): it falls with i.
         per_pos = [sum(r["accepted_per_position"][j] for r in recs) for j in range(gamma)]
@@ -318,6 +311,7 @@ def summarize(baselines, runs, ratios, timings):
                       for r, b in zip(recs, base)]
         speedups = [p["speedup"] for p in per_prompt if p["speedup"] is not None]
         speedup = speculative.speedup(base_seconds, base_tokens, tot["seconds"], tot["generated"])
+        same = speculative.speedup(same_seconds, same_tokens, tot["seconds"], tot["generated"])
         mbsu = speculative.mbsu(tau, gamma_eff, c["c"])
         predicted = predicted_speedup(tau, gamma_eff, t)
         # the round time the measured forwards do not explain: sampling, verify, Python (and timing noise)
@@ -336,9 +330,12 @@ def summarize(baselines, runs, ratios, timings):
                "tokens_per_second": ratio(tot["generated"], tot["seconds"]),
                "baseline": {"new_tokens": base_tokens, "seconds": base_seconds,
                             "tokens_per_second": ratio(base_tokens, base_seconds)},
-               "speedup": speedup, "speedup_median": statistics.median(speedups) if speedups else None,
+               "baseline_same_dtype": {"new_tokens": same_tokens, "seconds": same_seconds,
+                                       "tokens_per_second": ratio(same_tokens, same_seconds)},
+               "speedup": speedup, "speedup_same_dtype": same,
+               "speedup_median": statistics.median(speedups) if speedups else None,
                "speedup_over_mbsu": ratio(speedup, mbsu), "costs": t, "predicted_speedup": predicted,
-               "speedup_over_predicted": ratio(speedup, predicted),
+               "speedup_over_predicted": ratio(same, predicted),
                "overhead_ms_per_round": ratio(1000 * rest, tot["target_forwards"]), "per_prompt": per_prompt}
         if "hf_seconds" in recs[0]:
             hf = {"new_tokens": sum(r["hf_new_tokens"] for r in recs), "seconds": sum(r["hf_seconds"] for r in recs)}
@@ -358,7 +355,7 @@ def markdown_table(rows):
     """Every cell of the grid, one line each."""
     peer = any("peer_hf" in r for r in rows)
     head = ["draft", "task", "gamma", "P", "T", "alpha", "beta", "gamma eff", "tau", "per-position", "MBSU",
-            "c_time", "tok/s spec", "tok/s AR", "speedup", "speedup med", "predicted", "speedup/MBSU"]
+            "c_time", "tok/s spec", "tok/s AR", "speedup", "same dtype", "speedup med", "predicted", "speedup/MBSU"]
     head += ["tok/s HF"] if peer else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -366,7 +363,8 @@ def markdown_table(rows):
                  fmt(r["acceptance_rate"]), fmt(r["beta"]), fmt(r["effective_gamma"], 2),
                  fmt(r["block_efficiency"], 2), " ".join(fmt(a, 2) for a in r["acceptance_per_position"]),
                  fmt(r["mbsu"], 2), fmt(r["c_time"]), fmt(r["tokens_per_second"], 1),
-                 fmt(r["baseline"]["tokens_per_second"], 1), fmt(r["speedup"], 2), fmt(r["speedup_median"], 2),
+                 fmt(r["baseline"]["tokens_per_second"], 1), fmt(r["speedup"], 2), fmt(r["speedup_same_dtype"], 2),
+                 fmt(r["speedup_median"], 2),
                  fmt(r["predicted_speedup"], 2), fmt(r["speedup_over_mbsu"], 2)]
         cells += [fmt(r.get("peer_hf", {}).get("tokens_per_second"), 1)] if peer else []
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
@@ -445,6 +443,8 @@ def main(argv=None):
                    "reads another: hf:DATASET[:CONFIG][:SPLIT][:FIELD], a .jsonl or .txt file, or (text, summarize) "
                    "a data spec")
     p.add_argument("--limit", type=int, default=10, help="prompts per task (a fixed, evenly spread choice)")
+    p.add_argument("--prompt-set", default="report", choices=["report", "tune"], help="report: the prompts results "
+                   "are quoted on; tune: as many others, disjoint from them, to choose settings on")
     p.add_argument("--gamma", default="1,3,5", help="lookaheads to try, comma list (the most, with a threshold)")
     p.add_argument("--draft-threshold", default=str(speculative.DEFAULT_THRESHOLD), metavar="P", help="thresholds to "
                    "try, comma list: stop drafting where the draft's top probability < P (0 = off: always gamma)")
@@ -453,8 +453,8 @@ def main(argv=None):
     p.add_argument("--top-p", type=float, default=None, help="top-p filter for both models")
     p.add_argument("--max-new-tokens", type=int, default=64, help="new tokens per prompt (fewer if it stops)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps|hpu")
-    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on cuda, hpu and CPUs with bf16 matrix units, "
-                                                   "else float32)|float32|bfloat16|float16")
+    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on cuda and hpu; on a CPU with bf16 units, "
+                   "each job in the dtype measured fastest for it; else float32)|float32|bfloat16|float16")
     p.add_argument("--compile", action="store_true", help="torch.compile every model's layers (slow first steps)")
     p.add_argument("--seed", type=int, default=0, help="prompt i is sampled with seed + i, same for both sides")
     p.add_argument("--peer", default=None, choices=["hf"], help="also time transformers' assisted generation")
@@ -475,11 +475,13 @@ def main(argv=None):
             raise UserError(f"--{flag} needs {package}: pip install {package}")
     started = datetime.datetime.now(datetime.timezone.utc)
     device = common.pick_device(args.device)
-    dtype = common.decode_dtype(device, args.dtype)  # every model in one dtype
+    measure_dtype = common.measure_decode_dtype(device, args.dtype)  # auto on a CPU with bf16 units: time both
+    dtype = torch.float32 if measure_dtype else common.decode_dtype(device, args.dtype)
     torch.manual_seed(args.seed)
 
     tok = tokenizer.load_tokenizer(args.target)
-    texts = {task: read_task(task, source, args.limit) for task, source in tasks.items()}
+    read = tuning_texts if args.prompt_set == "tune" else read_task
+    texts = {task: read(task, source, args.limit) for task, source in tasks.items()}
     target = checkpoint.load_model(args.target, device=device, dtype=dtype)
     drafts, ratios, models = [], {}, {}
     for name, spec in stage_specs:
@@ -490,8 +492,17 @@ def main(argv=None):
         models[name] = {"spec": spec, "params": draft.num_params(), **ratios[name],
                         "params_non_embedding": draft.num_params(non_embedding=True),
                         "head_vocab": None if draft.head_ids is None else len(draft.head_ids)}
+    # every draft and the target of the speculative runs in one dtype, plain decoding in its fastest (the speedup
+    # is quoted against it, and against plain decoding in the speculative runs' dtype where that differs)
+    dtypes = speculative.fastest_dtypes(target, drafts[0][1], max(args.gamma)) if measure_dtype else \
+        {"autoregressive": dtype, "speculative": dtype}
+    bases = [speculative.in_dtype(target, dtypes["autoregressive"])]
+    dtype = dtypes["speculative"]
+    target = speculative.in_dtype(target, dtype)
+    drafts = [(name, speculative.in_dtype(d, dtype)) for name, d in drafts]
+    bases += [target] if bases[0] is not target else []
     if args.compile:
-        speculative.compile_models(device, target, *(d for _, d in drafts))
+        speculative.compile_models(device, target, *(d for _, d in drafts), *bases)
     stop_ids = set(tok.stop_ids)
 
     # prompts must leave room in every model's KV cache for the new tokens and one block of gamma + 1 in flight
@@ -512,7 +523,8 @@ def main(argv=None):
 
     # warm-up: one short greedy generation per model, so first-call costs (allocation, kernel selection) stay out
     first, warm = next(iter(prompts.values()))[0], min(8, args.max_new_tokens)
-    speculative.autoregressive(target, first, warm, temperature=0.0, seed=args.seed, stop_ids=stop_ids)
+    for base in bases:
+        speculative.autoregressive(base, first, warm, temperature=0.0, seed=args.seed, stop_ids=stop_ids)
     for _, draft in drafts:
         speculative.generate(target, draft, first, warm, gamma=max(args.gamma), temperature=0.0, seed=args.seed,
                              stop_ids=stop_ids)
@@ -521,8 +533,8 @@ def main(argv=None):
     total = sum(len(x) for x in prompts.values()) * len(args.temperature) * \
         (1 + len(drafts) * len(args.gamma) * len(args.draft_threshold))
     with tqdm(total=total, desc="bench", unit="gen", file=sys.stderr, disable=not sys.stderr.isatty()) as progress:
-        baselines, runs = measure(target, drafts, prompts, args, stop_ids, device, peer, progress)
-    timings = {(name, gamma): measure_costs(target, draft, first, gamma) for name, draft in drafts
+        baselines, runs = measure(target, drafts, prompts, args, stop_ids, device, peer, progress, bases)
+    timings = {(name, gamma): speculative.step_costs(target, draft, first, gamma) for name, draft in drafts
                for gamma in args.gamma}
 
     # the report
@@ -531,7 +543,8 @@ def main(argv=None):
     print(markdown_table(rows) + "\n\n" + tables)
     if args.json:
         settings = dict(vars(args), tasks={t: s or "builtin" for t, s in tasks.items()}, stages=dict(stage_specs),
-                        truncated_prompts=truncated, dtype=str(dtype).removeprefix("torch."))
+                        truncated_prompts=truncated, dtype=str(dtype).removeprefix("torch."),
+                        dtypes={job: str(d).removeprefix("torch.") for job, d in dtypes.items()})
         common.write_json(args.json, {
             "settings": settings, "environment": environment(device, started),
             "models": {"target": {"spec": args.target, "params": target.num_params(),
