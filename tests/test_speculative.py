@@ -293,9 +293,11 @@ def test_stop_among_accepted_drafts_and_streaming(tiny_pair):
                          on_tokens=lambda toks, n: rounds.append((list(toks), n)))
     assert out == ref[:end] and sum(len(r) for r, _ in rounds) == end
     assert all(n == len(r) - 1 for r, n in rounds[:-1])  # target as draft: all but the last token came from it
-    # accepted counts only what reached the output: the drafts verified past the stop token are cut away
-    assert st["accepted"] == sum(n for _, n in rounds) == sum(st["accepted_per_position"]) < st["drafted"]
-    assert st["rejections"] == 0 and st["beta"] == 1.0 and st["acceptance_rate"] == st["accepted"] / st["drafted"]
+    # accepted and drafted count only what reached the output: the drafts after the stop token are cut away from
+    # both, so the target as its own draft keeps alpha = beta = 1 (counting them drafted gave alpha < 1)
+    assert st["accepted"] == sum(n for _, n in rounds) == sum(st["accepted_per_position"]) == st["drafted"]
+    assert st["drafted"] == sum(st["drafted_per_position"]) < 4 * st["target_forwards"]
+    assert st["rejections"] == 0 and st["beta"] == 1.0 == st["acceptance_rate"]
 
 
 def test_greedy_speculative_equals_autoregressive_trimmed_draft_and_threshold(tiny_pair):
@@ -499,12 +501,6 @@ def test_bad_input_is_a_clear_error(tiny_pair, monkeypatch):
         tokenizer.check_same_vocab(tok("a"), tok("b"))
     tokenizer.check_same_vocab(tok("a"), tok("a"))
 
-    ctx = target.config.max_seq_len  # 256
-    with pytest.raises(common.UserError, match="context"):
-        S.generate(target, draft, [1] * 200, ctx - 200 - 3, gamma=3)  # 200 + 53 + 3 + 1 > 256
-    S.generate(target, draft, [1] * 200, ctx - 200 - 4, gamma=3, temperature=0)  # exactly fits
-    with pytest.raises(common.UserError, match="context"):
-        S.autoregressive(target, [1] * 200, 57)
     with pytest.raises(common.UserError, match="gamma"):
         S.generate(target, draft, [1, 2], 5, gamma=0)
     with pytest.raises(common.UserError, match="draft_threshold"):
@@ -525,6 +521,24 @@ def test_bad_input_is_a_clear_error(tiny_pair, monkeypatch):
         S.generate(target, draft, [], 5)
     with pytest.raises(common.UserError, match="empty"):
         S.autoregressive(target, [], 5)
+
+
+def test_context_check_counts_what_a_run_writes():
+    """A run writes the prompt and its new tokens but the last (sampled, never fed) into the caches; the drafts
+    never reach past max_new_tokens. So both loops take prompt + max_new_tokens - 1 <= context and no more: a
+    60-token prompt and 4 new tokens in a 64-token context decode speculatively too (once refused there)."""
+    target = random_model(0)
+    target.config = dataclasses.replace(target.config, max_seq_len=64)
+    draft = perturbed(target, 1, 0.01)
+    draft.config = target.config
+    for prompt_len in (60, 61):
+        ref, _ = S.autoregressive(target, [1] * prompt_len, 65 - prompt_len, temperature=0)
+        for gamma in (1, 3, 6):
+            out, _ = S.generate(target, draft, [1] * prompt_len, 65 - prompt_len, gamma=gamma, temperature=0)
+            assert out == ref and len(out) == 65 - prompt_len
+    for run in (lambda: S.autoregressive(target, [1] * 61, 5), lambda: S.generate(target, draft, [1] * 61, 5)):
+        with pytest.raises(common.UserError, match="need 65 positions, more than a model's context of 64"):
+            run()
 
 
 @pytest.mark.parametrize("script,args,message", [
