@@ -387,6 +387,60 @@ def test_compiled_speculative_run_builds_a_bounded_number_of_graphs():
     torch._dynamo.reset()
 
 
+@pytest.fixture
+def host_syncs(monkeypatch):
+    """Counts the calls that make a GPU or Gaudi wait for the device (a read of a tensor's values on the host) or
+    for a host-to-device copy (torch.tensor from Python data); the CPU runs the same code path as cuda and hpu."""
+    calls = []
+    for owner, names in ((torch.Tensor, ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__",
+                                         "__index__")), (torch, ("tensor", "as_tensor"))):
+        for name in names:
+            real = getattr(owner, name)
+            monkeypatch.setattr(owner, name, lambda *a, _real=real, _name=name, **kw: (calls.append(_name),
+                                                                                       _real(*a, **kw))[1])
+    return calls
+
+
+@pytest.mark.parametrize("temperature,trim", [(0.0, False), (0.8, True)])
+def test_one_host_sync_a_round(tiny_pair, host_syncs, temperature, trim):
+    """With a fixed gamma a round reads its tokens back once (after verify), and the run uploads its prompt once:
+    no torch.tensor per round, no .item() per draft token, no sync to map a trimmed head's tokens."""
+    target, draft = tiny_pair
+    if trim:
+        draft = copy.deepcopy(draft).trim_head(list(range(0, 64, 2)))
+    for prompt in ([5, 17, 42, 9], [3, 4, 60, 2, 2, 7, 1, 1, 30]):
+        host_syncs.clear()
+        out, st = S.generate(target, draft, prompt, 30, gamma=3, temperature=temperature, seed=0)
+        assert len(out) == 30 and st["target_forwards"] >= 8
+        assert host_syncs.count("tolist") == st["target_forwards"] and len(host_syncs) <= st["target_forwards"] + 1
+        host_syncs.clear()
+        S.autoregressive(target, prompt, 12, temperature=temperature, seed=0)
+        assert len(host_syncs) <= 12 + 1, host_syncs  # one read a token (on_token needs it), one upload
+
+
+def test_compiled_decoding_reuses_its_caches_and_graphs_across_prompts():
+    """Two prompts of different lengths, speculative and plain, compiled with static shapes: the KV caches are
+    allocated once (buckets of power-of-two length) and the graphs are shared, not rebuilt for the second prompt:
+    prompts padded to the 64-slot bucket, the target at 1..gamma+1 tokens, the draft at 1 or 2."""
+    from torch._dynamo.testing import CompileCounter
+    target = random_model(0)
+    draft = shallow_copy(target, 1)
+    prompts, gamma = ([5, 17, 42, 9], [3, 4, 60, 2, 2, 7, 1, 1, 30, 8, 8]), 2
+    refs = [S.generate(target, draft, p, 30, gamma=gamma, temperature=0)[0] for p in prompts]
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    for m in (target, draft):
+        m.compile_blocks(64, backend=counter, dynamic=False)
+    caches = [m.layers[0].self_attn.k_cache for m in (target, draft)]
+    for prompt, ref in zip(prompts, refs):
+        assert S.generate(target, draft, prompt, 30, gamma=gamma, temperature=0)[0] == ref
+        S.autoregressive(target, prompt, 10, temperature=0)
+    # the prefills (one bucket), the target at 1..gamma+1 tokens, the draft at 1 or 2: none per prompt
+    assert counter.frame_count <= gamma + 5, counter.frame_count
+    assert all(m.layers[0].self_attn.k_cache is c for m, c in zip((target, draft), caches))
+    torch._dynamo.reset()
+
+
 def test_seeded_sampling_is_reproducible_and_max_new_tokens_exact(tiny_pair):
     target, draft = tiny_pair
     prompt = [2, 3, 5, 7]
