@@ -170,19 +170,20 @@ def attend(q, k, v, mask=None):
     mask None: causal over the sequence itself (training); else mask (B or 1, 1, T, S) says which keys each query
     sees (decoding from the cache, cache_mask)."""
     B, nh, T, hd = q.shape
-    rep = nh // k.size(1)
-    if mask is not None:
-        # The rep query heads that share a kv head become rep * T rows of one query: plain masked attention over
-        # nkv heads, which fused kernels take, with no copy of the cache (masked GQA would fall to SDPA's math
-        # path and repeat k and v in every layer). Rows r*T + t use query head r of the group, at token t.
-        q = q.reshape(B, k.size(1), rep * T, hd)                                        # (B, nkv, rep*T, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(1, 1, rep, 1))
+    rep, causal = nh // k.size(1), mask is None
+    if rep > 1 and SDPA_HAS_GQA and (q.device.type == "cpu" or causal and q.device.type == "cuda"):
+        # fused kernels that share the kv heads themselves: the CPU's, masked or not; CUDA's flash, causal only
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+    if rep > 1 and not causal:
+        # Elsewhere, masked: the rep query heads that share a kv head become rep * T rows of one query, i.e. plain
+        # masked attention over nkv heads, which fused kernels take (masked enable_gqa falls to CUDA's math path,
+        # which repeats k and v), and no copy of the cache. Rows r*T + t: query head r of the group, token t.
+        y = F.scaled_dot_product_attention(q.reshape(B, k.size(1), rep * T, hd), k, v,       # (B, nkv, rep*T, hd)
+                                           attn_mask=mask.repeat(1, 1, rep, 1))
         return y.view(B, nh, T, hd)
-    if rep > 1 and SDPA_HAS_GQA and q.device.type in ("cpu", "cuda"):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     if rep > 1:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)         # (B, nh, S, hd)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
 
 
 def cache_mask(slots, n_keys, pad=None):

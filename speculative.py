@@ -9,6 +9,7 @@ Run: python speculative.py --draft smollm2 --compare     (the target as its own 
 
 import argparse
 import codecs
+import os
 import sys
 import time
 
@@ -16,6 +17,7 @@ import torch
 
 import checkpoint
 import common
+import model
 import tokenizer
 
 # -----------------------------------------------------------------------------
@@ -161,8 +163,7 @@ def generate(target, draft, prompt_ids, max_new_tokens, gamma=3, temperature=0.6
     _check_vocab(target, draft)
     tokens, t0, prefill_seconds = _start([target, draft], prompt_ids, max_new_tokens)  # (1, prompt + max_new)
     generator, dtype = make_generator(tokens.device, seed), dtype or sampling_dtype(tokens.device)
-    sampling = dict(filters=dict(temperature=temperature, top_k=top_k, top_p=top_p), generator=generator,
-                    dtype=dtype)
+    filters = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     stop_ids, new_ids, rounds = set(stop_ids or ()), [], []
     n = len(prompt_ids)  # tokens so far, also in `tokens` on the device; the target's cache holds n - 1 of them
     read = n - 1  # how many of them the draft's cache holds
@@ -170,11 +171,12 @@ def generate(target, draft, prompt_ids, max_new_tokens, gamma=3, temperature=0.6
         # 1. the draft reads what it has not seen (1 token, or 2 after a round that accepted every draft), then
         # proposes x_1..x_k, x_i ~ q_i; a round emits at most k + 1 tokens: never draft past max_new_tokens
         k = min(gamma, max_new_tokens - len(new_ids) - 1)
-        x, q, read, draft_forwards = _draft(draft, tokens[:, read:n], read, k, draft_threshold, **sampling)
+        x, q, read, draft_forwards = _draft(draft, tokens[:, read:n], read, k, filters, draft_threshold,
+                                            generator, dtype)
 
         # 2. the target scores [last token, x_1..x_k] in ONE forward: p_1..p_{k+1}
         logits = target(torch.cat([tokens[0, n - 1:n], x]).view(1, -1), input_pos=n - 1, last_n=len(x) + 1)
-        p = sample_probs(logits[0], **sampling["filters"])  # (k+1, V)
+        p = sample_probs(logits[0], **filters)  # (k+1, V)
 
         # 3. verify: accept a prefix of the drafts, and add one token sampled by the target
         n_accepted, token = verify(x, q, p, generator, dtype, on_device=True)
@@ -200,7 +202,7 @@ def generate(target, draft, prompt_ids, max_new_tokens, gamma=3, temperature=0.6
     return new_ids, stats
 
 
-def _draft(draft, fresh, pos, k, threshold, filters, generator, dtype):
+def _draft(draft, fresh, pos, k, filters, threshold, generator, dtype):
     """Step 1 of a round: the draft reads `fresh` (1, 1 or 2) at cache slot pos, then drafts up to k tokens
     x_i ~ q_i -> (x (n,), q (n, V), slots its cache now holds, forwards it ran); n < k where the draft-length rule
     stopped it. Everything stays on the device: no host sync unless the rule is on."""
@@ -343,12 +345,14 @@ def speedup(base_seconds, base_tokens, spec_seconds, spec_tokens):
 # 5. the command line
 
 def compile_models(device, *models):
-    """--compile: torch.compile every model's decoder layers once, the KV cache read in buckets (compile_blocks),
-    so decoding builds one graph per shape, not one per token."""
+    """--compile: torch.compile every model's decoder layers once, with static shapes (compile_blocks): CUDA graphs
+    on cuda (the KV caches are buffers, allocated once), Gaudi's backend on hpu, inductor's C++ on the CPU. Inductor
+    keeps what it compiled on disk (~/.cache/fastdraft/inductor): the long warm-up is paid once per machine."""
     if device.type == "hpu" and common.hpu_lazy():
         raise common.UserError("--compile needs Gaudi's eager mode (PT_HPU_LAZY_MODE=0): lazy mode has no "
                                "torch.compile backend")
-    kwargs = {"backend": "hpu_backend"} if device.type == "hpu" else {}  # Gaudi's torch.compile backend
+    kwargs = {"hpu": {"backend": "hpu_backend"}, "cuda": {"mode": "reduce-overhead"}}.get(device.type, {})
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.expanduser("~/.cache/fastdraft/inductor"))
     for m in {id(m): m for m in models}.values():  # the target as its own draft is compiled once
         m.compile_blocks(**kwargs)
 
@@ -377,7 +381,10 @@ def main():
     ap.add_argument("--device", default="auto", help="auto|cpu|cuda|mps|hpu")
     ap.add_argument("--dtype", default="auto", help="auto (bfloat16 on cuda, hpu and CPUs with bf16 matrix "
                                                     "units, else float32)|float32|bfloat16|float16")
-    ap.add_argument("--compile", action="store_true", help="torch.compile both models' layers (slow first steps)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile both models' layers (slow first steps; "
+                    "CUDA graphs on cuda)")
+    ap.add_argument("--prepack", action="store_true", help="bf16 on a CPU: lay the weights out once for oneDNN "
+                    "(faster steps where bf16 matmuls pay a per-call reorder, e.g. AMX Xeons; more memory)")
     ap.add_argument("--visualize", action="store_true", help="colour accepted draft and target-sampled tokens apart")
     ap.add_argument("--compare", action="store_true", help="also time the autoregressive baseline: both speeds and "
                     "the wall-clock speedup (bench.py measures what each forward costs and predicts the speedup)")
@@ -401,6 +408,9 @@ def main():
     tok = tokenizer.load_tokenizer(args.target)
     if draft is not target:
         tokenizer.check_draft_vocab(tok, args.draft, draft.config.vocab_size)
+    if args.prepack:  # bf16 on a CPU only (model.prepack_for_cpu); the target as its own draft is packed once
+        for m in {target, draft}:
+            model.prepack_for_cpu(m)
     if args.compile:
         compile_models(device, target, draft)
 
