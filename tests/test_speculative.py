@@ -368,25 +368,6 @@ def test_draft_equal_to_target_accepts_everything(tiny_pair, temperature, top_k,
         assert st2["target_forwards"] == 6 and st2["drafted"] == 5 * gamma + 1  # the last round drafts 1 token
 
 
-def test_compiled_speculative_run_builds_a_bounded_number_of_graphs():
-    """A proxy for Gaudi and CUDA graphs (see tests/test_model.py): with the cache read in buckets, a speculative run
-    compiles one graph per forward shape, not one per token: the target scores the prompt and 1..gamma+1 tokens,
-    the draft the prompt and 1 or 2 tokens, so at most gamma + 5 graphs (7 here, under dynamo's limit of 8)."""
-    from torch._dynamo.testing import CompileCounter
-    target = random_model(0)
-    draft = shallow_copy(target, 1)  # another shape, so its graphs are its own; accepts part of the time
-    prompt, gamma = [5, 17, 42, 9], 2
-    ref, st = S.generate(target, draft, prompt, 40, gamma=gamma, temperature=0)
-    assert 0 < st["accepted"] < st["drafted"]
-    torch._dynamo.reset()
-    counter = CompileCounter()
-    for m in (target, draft):
-        m.compile_blocks(64, backend=counter, dynamic=False)
-    out, _ = S.generate(target, draft, prompt, 40, gamma=gamma, temperature=0)
-    assert out == ref and counter.frame_count <= gamma + 5, counter.frame_count
-    torch._dynamo.reset()
-
-
 @pytest.fixture
 def host_syncs(monkeypatch):
     """Counts the calls that make a GPU or Gaudi wait for the device (a read of a tensor's values on the host) or
@@ -419,9 +400,9 @@ def test_one_host_sync_a_round(tiny_pair, host_syncs, temperature, trim):
 
 
 def test_compiled_decoding_reuses_its_caches_and_graphs_across_prompts():
-    """Two prompts of different lengths, speculative and plain, compiled with static shapes: the KV caches are
-    allocated once (buckets of power-of-two length) and the graphs are shared, not rebuilt for the second prompt:
-    prompts padded to the 64-slot bucket, the target at 1..gamma+1 tokens, the draft at 1 or 2."""
+    """A proxy for Gaudi and CUDA graphs (see tests/test_model.py): two prompts of different lengths, speculative
+    and plain, compiled with static shapes, build one graph per forward shape, not one per token or per prompt:
+    the KV caches are allocated once (a power-of-two length) and prompts padded to the 64-slot read bucket."""
     from torch._dynamo.testing import CompileCounter
     target = random_model(0)
     draft = shallow_copy(target, 1)
