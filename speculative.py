@@ -132,13 +132,13 @@ def autoregressive(target, prompt_ids, max_new_tokens, temperature=0.6, top_k=No
     """The baseline: one target forward per new token, same sampling filter -> (new_ids, stats). Stops after
     max_new_tokens, or right after a token in stop_ids (included). on_token(token_id) sees each new token."""
     _check_settings(max_new_tokens, temperature, top_k, top_p)
-    tokens, t0, prefill_seconds = _start([target], prompt_ids, max_new_tokens)  # (1, prompt + max_new_tokens)
+    tokens, t0, prefill_seconds = _start([target], prompt_ids, max_new_tokens)  # (1, prompt + max_new)
     generator, dtype = make_generator(tokens.device, seed), dtype or sampling_dtype(tokens.device)
     stop_ids, new_ids, n = set(stop_ids or ()), [], len(prompt_ids)
     while len(new_ids) < max_new_tokens:
         logits = target.to_vocab(target(tokens[:, n - 1:n], input_pos=n - 1))  # (1, 1, V)
         tokens[0, n] = sample(sample_probs(logits[0, -1], temperature, top_k, top_p), generator, dtype)
-        new_ids.append(tokens[0, n].item())  # the one host sync of a step (in Gaudi's lazy mode, ends its graph)
+        new_ids.append(tokens[0, n].item())  # a step's one host sync (in Gaudi's lazy mode: ends its graph)
         n += 1
         if on_token is not None:
             on_token(new_ids[-1])
@@ -161,30 +161,33 @@ def generate(target, draft, prompt_ids, max_new_tokens, gamma=3, temperature=0.6
     both write the same keys and values at the same positions. dtype: of the sampling sums (None: the device's)."""
     _check_settings(max_new_tokens, temperature, top_k, top_p, gamma, draft_threshold)
     _check_vocab(target, draft)
-    tokens, t0, prefill_seconds = _start([target, draft], prompt_ids, max_new_tokens)  # (1, prompt + max_new)
+    # tokens (1, prompt + max_new_tokens): the run's tokens on the device, the prompt first
+    tokens, t0, prefill_seconds = _start([target, draft], prompt_ids, max_new_tokens)
     generator, dtype = make_generator(tokens.device, seed), dtype or sampling_dtype(tokens.device)
     filters = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     stop_ids, new_ids, rounds = set(stop_ids or ()), [], []
-    n = len(prompt_ids)  # tokens so far, also in `tokens` on the device; the target's cache holds n - 1 of them
-    read = n - 1  # how many of them the draft's cache holds
+    n = len(prompt_ids)  # tokens so far; the target's cache holds the first n - 1
+    read = n - 1  # how many the draft's cache holds
     while len(new_ids) < max_new_tokens:
-        # 1. the draft reads what it has not seen (1 token, or 2 after a round that accepted every draft), then
-        # proposes x_1..x_k, x_i ~ q_i; a round emits at most k + 1 tokens: never draft past max_new_tokens
+        # 1. the draft reads what it has not seen (1 token, or 2 after a round that accepted every
+        # draft), then proposes x_1..x_k, x_i ~ q_i; a round emits at most k + 1 tokens: never draft
+        # past max_new_tokens
         k = min(gamma, max_new_tokens - len(new_ids) - 1)
         x, q, read, draft_forwards = _draft(draft, tokens[:, read:n], read, k, filters, draft_threshold,
                                             generator, dtype)
 
         # 2. the target scores [last token, x_1..x_k] in ONE forward: p_1..p_{k+1}
-        logits = target(torch.cat([tokens[0, n - 1:n], x]).view(1, -1), input_pos=n - 1, last_n=len(x) + 1)
+        inp = torch.cat([tokens[0, n - 1:n], x]).view(1, -1)  # (1, k+1)
+        logits = target(inp, input_pos=n - 1, last_n=len(x) + 1)
         p = sample_probs(logits[0], **filters)  # (k+1, V)
 
         # 3. verify: accept a prefix of the drafts, and add one token sampled by the target
         n_accepted, token = verify(x, q, p, generator, dtype, on_device=True)
-        n_accepted, *proposed = torch.cat([n_accepted.view(1), x, token.view(1)]).tolist()  # the round's one sync
+        n_accepted, *proposed = torch.cat([n_accepted.view(1), x, token.view(1)]).tolist()  # one sync
         new = proposed[:n_accepted] + proposed[-1:]
 
-        # 4. advance both caches to the accepted tokens; "rolling back" is only that: slots past them hold
-        # rejected tokens, are never attended to, and are overwritten by the next round
+        # 4. advance both caches to the accepted tokens; "rolling back" is only that: slots past
+        # them hold rejected tokens, are never attended to, and are overwritten by the next round
         tokens[0, n:n + len(new)] = torch.cat([x[:n_accepted], token.view(1)])
         read = min(read, n + n_accepted)
         new, n_accepted, n_drafted = _cut_at_stop(new, n_accepted, len(x), stop_ids)
