@@ -257,6 +257,9 @@ def _stats(rounds, gamma, new_tokens, t0, prefill_seconds, device):
         effective_gamma=draft_forwards / n_rounds if n_rounds else 0.0)
 
 
+STATIC_BUCKET = 64  # cache slots read at a time where shapes must repeat (accelerators, --compile)
+
+
 def _start(models, prompt_ids, max_new_tokens):
     """Check the run fits, make room in the caches and write prompt[:-1] into them -> (tokens (1, prompt +
     max_new_tokens) on the device, the prompt first; the clock's start; the prefill's seconds). The first step
@@ -276,9 +279,6 @@ def _start(models, prompt_ids, max_new_tokens):
             m.prefill(tokens[:, :len(prompt_ids) - 1])
     common.sync(device)
     return tokens, t0, time.perf_counter() - t0
-
-
-STATIC_BUCKET = 64  # cache slots read at a time where shapes must repeat (accelerators, --compile)
 
 
 def _check_settings(max_new_tokens, temperature, top_k, top_p, gamma=None, draft_threshold=0.0):
