@@ -8,12 +8,14 @@ drafts, and the KV cache is a static buffer written at explicit positions: rolli
 position next time (gpt-fast's design).
 """
 
+import functools
 import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.torch_version import TorchVersion
 
 from common import UserError
 
@@ -111,27 +113,6 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-def positions_and_mask(start, T, n_keys, pad=None, device=None, static=False):
-    """Slots (T,), RoPE positions (T,) or (B, 1, T) and mask for T tokens written at cache slots [start, start+T)
-    that attend over the first n_keys >= start+T slots (n_keys = T, start = 0 in training). Slot j is visible to
-    the query at slot i iff j <= i: that hides the future, the stale slots of a rejected draft and the unused tail
-    of a bucketed read. mask None marks the cases attend() handles without one (causal from slot 0; one token
-    seeing every slot); static=True always builds one, so a compiled graph sees the same kinds of inputs at every
-    step. pad (B,) left-padding counts: row b's positions are slot - pad[b] and it never sees slots before pad[b]."""
-    end = start + T
-    slots = torch.arange(start, end, device=device)                                      # (T,)
-    j = torch.arange(n_keys, device=device)                                              # (n_keys,)
-    if pad is None:
-        plain = not static and n_keys == end and (T == 1 or start == 0)
-        return slots, slots, None if plain else j[None, :] <= slots[:, None]             # (T, n_keys)
-    pad = pad.to(device).view(-1, 1, 1)                                                  # (B, 1, 1)
-    i = slots[None, :, None]                                                             # (1, T, 1)
-    # A padding query sees itself only, so its softmax is never over an empty set (NaN).
-    mask = (j <= i) & ((j >= pad) | (j == i))                                            # (B, T, n_keys)
-    pos = (slots[None, None, :] - pad).clamp(min=0)                                      # (B, 1, T)
-    return slots, pos, mask[:, None]                                                     # mask (B, 1, T, n_keys)
-
-
 # -----------------------------------------------------------------------------
 # The transformer. Submodule names follow Hugging Face's Llama so checkpoints map one to one.
 
@@ -159,9 +140,12 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
         self.qkv_proj = nn.Linear(c.dim, (c.n_heads + 2 * c.n_kv_heads) * c.head_dim, bias=False)
         self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=False)
-        self.k_cache = self.v_cache = None  # (B, n_kv, S, hd) once setup_cache() ran
+        # (B, n_kv, S, hd) once setup_cache() ran. Buffers, not plain attributes: module state that moves with
+        # .to(), and that CUDA graphs treat as static memory rather than an input to copy in every step.
+        self.register_buffer("k_cache", None, persistent=False)
+        self.register_buffer("v_cache", None, persistent=False)
 
-    def forward(self, x, cos, sin, slots, n_keys, mask):
+    def forward(self, x, cos, sin, slots=None, n_keys=None, mask=None):
         B, T, _ = x.shape
         nh, nkv = self.n_heads, self.n_kv_heads
         qkv = self.qkv_proj(x).view(B, T, nh + 2 * nkv, self.head_dim).transpose(1, 2)  # (B, nh+2nkv, T, hd)
@@ -176,23 +160,43 @@ class Attention(nn.Module):
         return self.o_proj(y)
 
 
+# enable_gqa lets SDPA share kv heads without copying them; torch >= 2.5 has it (Gaudi images before 1.19 ship
+# 2.4), and mps and hpu do not implement it
+SDPA_HAS_GQA = TorchVersion(torch.__version__) >= (2, 5)
+
+
 def attend(q, k, v, mask=None):
-    """Softmax attention of q (B, nh, T, hd) over k, v (B, nkv, S, hd), kv heads shared by nh/nkv query heads.
-    mask None: causal when T == S (training, a prompt from slot 0), everything when T == 1 (one new token sees the
-    whole cache). Otherwise mask (T, S) or (B, 1, T, S) says which slots each query sees."""
+    """Softmax attention of q (B, nh, T, hd) over k, v (B, nkv, S, hd), each kv head shared by nh/nkv query heads.
+    mask None: causal over the sequence itself (training); else mask (B or 1, 1, T, S) says which keys each query
+    sees (decoding from the cache, cache_mask)."""
     B, nh, T, hd = q.shape
-    nkv = k.size(1)
-    if mask is None and T == 1 and nh != nkv:
-        # one token: the query heads sharing a kv head become rows of one (B, nkv, rep, hd) query, no copies of k/v
-        y = F.scaled_dot_product_attention(q.reshape(B, nkv, nh // nkv, hd), k, v)
-        return y.reshape(B, nh, 1, hd)
-    causal = mask is None and T > 1
-    if nh != nkv:
-        if q.device.type in ("cpu", "cuda"):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
-        # enable_gqa is not implemented by every backend (mps, hpu): repeat the kv heads instead
-        k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)
+    rep, causal = nh // k.size(1), mask is None
+    if rep > 1 and SDPA_HAS_GQA and (q.device.type == "cpu" or causal and q.device.type == "cuda"):
+        # fused kernels that share the kv heads themselves: the CPU's, masked or not; CUDA's flash, causal only
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+    if rep > 1 and not causal:
+        # Elsewhere, masked: the rep query heads that share a kv head become rep * T rows of one query, i.e. plain
+        # masked attention over nkv heads, which fused kernels take (masked enable_gqa falls to CUDA's math path,
+        # which repeats k and v), and no copy of the cache. Rows r*T + t: query head r of the group, token t.
+        y = F.scaled_dot_product_attention(q.reshape(B, k.size(1), rep * T, hd), k, v,       # (B, nkv, rep*T, hd)
+                                           attn_mask=mask.repeat(1, 1, rep, 1))
+        return y.view(B, nh, T, hd)
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)         # (B, nh, S, hd)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+
+
+def cache_mask(slots, n_keys, pad=None):
+    """Which of the first n_keys cache slots each query at `slots` (T,) sees -> (B or 1, 1, T, n_keys). Slot j is
+    visible from slot i iff j <= i: that hides the future, the stale slots a rejected draft left behind, and the
+    unused tail of a bucketed read. pad (B,): row b's first pad[b] slots are left padding and never seen (a padding
+    query sees itself only, so no softmax row is empty)."""
+    i = slots[:, None]                                                    # (T, 1)
+    j = torch.arange(n_keys, device=slots.device)                        # (n_keys,)
+    mask = j <= i                                                         # (T, n_keys)
+    if pad is not None:
+        mask = mask & ((j >= pad.view(-1, 1, 1)) | (j == i))               # (B, T, n_keys)
+    return mask.view(-1, 1, len(slots), n_keys)
 
 
 class MLP(nn.Module):
@@ -241,7 +245,8 @@ class Transformer(nn.Module):
         self.register_buffer("head_ids", None, persistent=False)
         self._head_rows = None  # a tied trimmed head's rows of the embedding, kept between decoding steps
         self.cache_len = 0
-        self.cache_bucket = 1   # > 1: attention reads the cache in buckets of this many slots (keys_to_read)
+        self.cache_bucket = 1   # > 1: static shapes, the cache read in buckets of this many slots (keys_to_read)
+        self._packed_head = None  # the head's weight prepacked for oneDNN (prepack_for_cpu)
         self.reset_rope()
         self.apply(self._init_weights)
 
@@ -259,10 +264,16 @@ class Transformer(nn.Module):
     # -- KV cache ---------------------------------------------------------------------------------
 
     def setup_cache(self, batch_size, max_seq_len=None):
-        """Preallocate every layer's k/v cache (B, n_kv, S, hd) in the model's dtype and device; S defaults to the
-        config's context, capped at 4096 (a Llama-3.1 full context would be GBs)."""
+        """Make room for batch_size rows of max_seq_len slots in every layer's k/v cache (B, n_kv, S, hd). A cache
+        that is big enough is kept (its old slots are masked until overwritten); a new one is allocated at a power
+        of two >= 256 slots, so prompts of other lengths reuse it and a compiled graph keeps its shapes. S defaults
+        to the config's context, capped at 4096 (a Llama-3.1 full context would be GBs)."""
         S = max_seq_len or min(self.config.max_seq_len, 4096)
-        w = self.embed_tokens.weight
+        w, cache = self.embed_tokens.weight, self.layers[0].self_attn.k_cache
+        if cache is not None and cache.size(0) >= batch_size and cache.size(2) >= S and cache.dtype == w.dtype \
+                and cache.device == w.device:
+            return
+        S = max(256, 1 << (S - 1).bit_length())
         shape = (batch_size, self.config.n_kv_heads, S, self.config.head_dim)
         for layer in self.layers:
             layer.self_attn.k_cache = torch.zeros(shape, dtype=w.dtype, device=w.device)
@@ -288,6 +299,16 @@ class Transformer(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------------
 
+    def forward(self, idx, input_pos=None, last_n=None, pad=None):
+        """Logits (B, T, V) float32 (V: K when the head is trimmed), or (B, last_n, V) when last_n is given.
+        input_pos None: causal forward over idx alone (training). input_pos int: idx are written into the KV
+        cache at slots [input_pos, input_pos+T) and attend to slots [0, input_pos+t] only; calling again with an
+        earlier input_pos rolls back. pad (B,): left-padding counts, row b's slots [0, pad[b]) are never seen."""
+        h = self.hidden(idx, input_pos=input_pos, pad=pad)
+        if last_n is not None:
+            h = h[:, -last_n:]
+        return self.head(h)
+
     def hidden(self, idx, input_pos=None, pad=None):
         """Final-normed hidden states (B, T, dim), before the head (the trainer chunks its cross-entropy)."""
         B, T = idx.shape
@@ -298,12 +319,16 @@ class Transformer(nn.Module):
             raise ValueError("pad needs the KV cache (input_pos)")
         if start + T > self.rope_cos.size(0):
             self.reset_rope(max(start + T, 2 * self.rope_cos.size(0)))
-        n_keys = T if input_pos is None else self.keys_to_read(start + T)
-        static = input_pos is not None and self.cache_bucket > 1
-        slots, pos, mask = positions_and_mask(start, T, n_keys, pad, idx.device, static)
+        slots = torch.arange(start, start + T, device=idx.device)              # (T,) built on the device
+        if input_pos is None:  # training: the sequence attends to itself, causally
+            pos, n_keys, slots, mask = slots, T, None, None
+        else:
+            n_keys = self.keys_to_read(start + T)
+            pos = slots if pad is None else (slots - pad.view(-1, 1, 1)).clamp(min=0)  # (T,) or (B, 1, T)
+            mask = cache_mask(slots, n_keys, pad)
         x = self.embed_tokens(idx)                                              # (B, T, C)
         cos, sin = self.rope_cos[pos].to(x.dtype), self.rope_sin[pos].to(x.dtype)  # (T, hd) or (B, 1, T, hd)
-        return self.blocks(x, cos, sin, None if input_pos is None else slots, n_keys, mask)
+        return self.blocks(x, cos, sin, slots, n_keys, mask)
 
     def blocks(self, x, cos, sin, slots, n_keys, mask):
         """The decoder layers and the final norm: every tensor here has a shape fixed by (B, T, n_keys), so this is
@@ -312,15 +337,12 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, slots, n_keys, mask)
         return self.norm(x)
 
-    def compile_blocks(self, bucket=64, **kwargs):
-        """torch.compile the layers, reading the cache in buckets of `bucket` slots: decoding then compiles one
-        graph per (T, bucket), not one per token (positions and masks arrive as tensors)."""
-        self.cache_bucket = bucket
-        # dynamo keeps at most cache_size_limit graphs per code object (8 by default) and every model's blocks() is the
-        # same code: a target and its draft, each at a few (T, bucket) shapes, would silently fall back to eager
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        self.blocks = torch.compile(self.blocks, **kwargs)
-        return self
+    def prefill(self, idx):
+        """Write a prompt idx (B, T) into the cache at slots [0, T), computing no logits. With static shapes
+        (cache_bucket > 1) it is padded at its end to a whole bucket: one graph per bucket of prompt lengths, and
+        the padding's slots lie past the prompt, hidden by the mask until the next tokens overwrite them."""
+        pad = -idx.size(1) % self.cache_bucket
+        self.hidden(F.pad(idx, (0, pad)) if pad else idx, input_pos=0)
 
     def keys_to_read(self, end):
         """Cache slots attention reads when the last token sits at slot end-1: `end`, or with cache_bucket > 1 the next
@@ -328,8 +350,23 @@ class Transformer(nn.Module):
         b = self.cache_bucket
         return end if b <= 1 else min(self.cache_len, -(-end // b) * b)
 
+    def compile_blocks(self, bucket=64, **kwargs):
+        """torch.compile the layers with static shapes: the cache read in buckets of `bucket` slots, prompts padded
+        to them, so decoding compiles one graph per (T, bucket), not one per token (positions and masks arrive as
+        tensors). kwargs go to torch.compile (mode="reduce-overhead": CUDA graphs, the caches being buffers)."""
+        self.cache_bucket = bucket
+        # dynamo keeps at most cache_size_limit graphs per code object (8 by default) and every model's blocks() is the
+        # same code: a target and its draft, each at a few (T, bucket) shapes, would silently fall back to eager
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        self.blocks = torch.compile(self.blocks, **kwargs)
+        return self
+
+    # -- the head ---------------------------------------------------------------------------------
+
     def head(self, h):
         """Output projection (tied or untied) to float32 logits (..., V), or (..., K) over head_ids when trimmed."""
+        if self._packed_head is not None:
+            return packed_linear(h, self._packed_head).float()
         if self.lm_head is not None:
             return F.linear(h, self.lm_head.weight).float()
         w = self.embed_tokens.weight
@@ -341,6 +378,19 @@ class Transformer(nn.Module):
         if self._head_rows is None or self._head_rows[0] != key:
             self._head_rows = (key, w[self.head_ids].contiguous())
         return F.linear(h, self._head_rows[1]).float()
+
+    @property
+    def is_trimmed(self):
+        """True when the head predicts a subset of the vocabulary (trim_head)."""
+        return self.head_ids is not None
+
+    def to_vocab(self, logits):
+        """A trimmed head's logits (..., K) -> (..., V) over the whole vocabulary, -inf (probability zero) for the
+        tokens it lacks, so a sampled position is a vocabulary id; a whole head's logits pass through."""
+        if self.head_ids is None:
+            return logits
+        full = logits.new_full((*logits.shape[:-1], self.config.vocab_size), float("-inf"))  # (..., V)
+        return full.index_copy_(-1, self.head_ids, logits)
 
     def trim_head(self, ids):
         """Predict only the tokens `ids` (VocabTrim, arXiv 2506.22694; FR-Spec, arXiv 2502.14856). The model still
@@ -356,7 +406,7 @@ class Transformer(nn.Module):
             rows = self.lm_head.weight.detach()[ids]
             self.lm_head = nn.Linear(self.config.dim, len(ids), bias=False, device=rows.device, dtype=rows.dtype)
             self.lm_head.weight.data.copy_(rows)
-        self.head_ids, self._head_rows = ids, None
+        self.head_ids, self._head_rows, self._packed_head = ids, None, None
         return self
 
     def head_index(self, token_ids):
@@ -366,16 +416,6 @@ class Transformer(nn.Module):
         where = torch.full((self.config.vocab_size,), -1, dtype=torch.long, device=self.head_ids.device)
         where[self.head_ids] = torch.arange(len(self.head_ids), device=self.head_ids.device)
         return where[token_ids]
-
-    def forward(self, idx, input_pos=None, last_n=None, pad=None):
-        """Logits (B, T, V) float32 (V: K when the head is trimmed), or (B, last_n, V) when last_n is given.
-        input_pos None: causal forward over idx alone (training). input_pos int: idx are written into the KV
-        cache at slots [input_pos, input_pos+T) and attend to slots [0, input_pos+t] only; calling again with an
-        earlier input_pos rolls back. pad (B,): left-padding counts, row b's slots [0, pad[b]) are never seen."""
-        h = self.hidden(idx, input_pos=input_pos, pad=pad)
-        if last_n is not None:
-            h = h[:, -last_n:]
-        return self.head(h)
 
     def num_params(self, non_embedding=False):
         """Parameter count; non_embedding=True leaves out the vocabulary matrices (embedding and head)."""
@@ -391,3 +431,30 @@ class Transformer(nn.Module):
         head_rows = c.vocab_size if self.head_ids is None else len(self.head_ids)
         n = self.num_params(non_embedding=True) + head_rows * c.dim
         return 6 * n + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len
+
+
+# -----------------------------------------------------------------------------
+# Optional: bf16 decoding on a CPU, without oneDNN's per-call weight reorder
+
+def packed_linear(x, packed):
+    """x @ w.T for a weight w prepacked by prepack_for_cpu."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+
+def prepack_for_cpu(model):
+    """Prepack a bf16 model's weights once, in the blocked layout oneDNN's bf16 kernels read; elsewhere (fp32,
+    not a CPU, no oneDNN) nothing changes. F.linear reorders a bf16 weight on every call: on an AMX Xeon that is a
+    fixed ~70 us at one row, which made bf16 decoding no faster than fp32's despite half the bytes. The packed
+    copies add the weights' memory again and no longer follow them: for decoding, after loading. -> model"""
+    w = model.embed_tokens.weight
+    if w.device.type != "cpu" or w.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
+        return model
+
+    def pack(weight):  # the batch-size hint 1: decoding's one row (more rows still work)
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1)
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            m.forward = functools.partial(packed_linear, packed=pack(m.weight))
+    rows = model.lm_head.weight if model.lm_head is not None else w if model.head_ids is None else w[model.head_ids]
+    model._packed_head = pack(rows)
+    return model

@@ -11,6 +11,7 @@ import argparse
 import codecs
 import copy
 import json
+import os
 import statistics
 import sys
 import time
@@ -19,6 +20,7 @@ import torch
 
 import checkpoint
 import common
+import model
 import tokenizer
 
 # -----------------------------------------------------------------------------
@@ -86,8 +88,9 @@ def sample(probs, generator=None, dtype=torch.float64):
 # -----------------------------------------------------------------------------
 # 2. verify: exact rejection sampling
 
-def verify(draft_tokens, q, p, generator=None, dtype=torch.float64):
-    """Accept or reject the draft's gamma tokens; returns (n_accepted, next_token) as Python ints.
+def verify(draft_tokens, q, p, generator=None, dtype=torch.float64, on_device=False):
+    """Accept or reject the draft's gamma tokens; returns (n_accepted, next_token) as Python ints (on_device:
+    0-dim tensors, which the decoding loop reads together with the round's tokens).
 
     Leviathan et al. 2023, Algorithm 1 (Chen et al. 2023, Algorithm 2):
       draft_tokens (gamma,)    x_1..x_gamma, x_i ~ q_i
@@ -117,12 +120,169 @@ def verify(draft_tokens, q, p, generator=None, dtype=torch.float64):
     # row is never reached in exact arithmetic; float rounding can still get here, and then p_n is the answer.
     residual = torch.where(residual.sum() > 0, residual, p_n)
     next_token = sample(residual, generator, dtype)
+    if on_device:
+        return n, next_token
     n_accepted, next_token = torch.stack([n, next_token]).tolist()  # the one host sync of a round
     return n_accepted, next_token
 
 
 # -----------------------------------------------------------------------------
-# 3. and 4. the decoding loops, and the small helpers they share (checks, caches, counts)
+# 3. the decoding loops: plain, then speculative; the helpers they share come after them
+
+@torch.no_grad()
+def autoregressive(target, prompt_ids, max_new_tokens, temperature=0.6, top_k=None, top_p=None, seed=None,
+                   stop_ids=None, on_token=None, dtype=None):
+    """The baseline: one target forward per new token, same sampling filter -> (new_ids, stats). Stops after
+    max_new_tokens, or right after a token in stop_ids (included). on_token(token_id) sees each new token."""
+    _check_settings(max_new_tokens, temperature, top_k, top_p)
+    tokens, t0, prefill_seconds = _start([target], prompt_ids, max_new_tokens)  # (1, prompt + max_new)
+    generator, dtype = make_generator(tokens.device, seed), dtype or sampling_dtype(tokens.device)
+    stop_ids, new_ids, n = set(stop_ids or ()), [], len(prompt_ids)
+    while len(new_ids) < max_new_tokens:
+        logits = target.to_vocab(target(tokens[:, n - 1:n], input_pos=n - 1))  # (1, 1, V)
+        tokens[0, n] = sample(sample_probs(logits[0, -1], temperature, top_k, top_p), generator, dtype)
+        new_ids.append(tokens[0, n].item())  # a step's one host sync (in Gaudi's lazy mode: ends its graph)
+        n += 1
+        if on_token is not None:
+            on_token(new_ids[-1])
+        if new_ids[-1] in stop_ids:
+            break
+    rounds = [(0, 0, 0)] * len(new_ids)  # (drafted, accepted, draft forwards) of each target forward
+    return new_ids, _stats(rounds, 0, len(new_ids), t0, prefill_seconds, tokens.device)
+
+
+@torch.no_grad()
+def generate(target, draft, prompt_ids, max_new_tokens, gamma=3, temperature=0.6, top_k=None, top_p=None,
+             seed=None, stop_ids=None, on_tokens=None, draft_threshold=0.0, dtype=None):
+    """Speculative sampling with static KV caches (Leviathan et al. 2023, Algorithm 1, looped) -> (new_ids, stats),
+    new_ids distributed exactly as autoregressive(target, ...) would sample them.
+
+    on_tokens(tokens, n_from_draft) gets each round's new tokens, the first n_from_draft accepted drafts. Stops at
+    max_new_tokens, or right after a token in stop_ids (included), even a draft. draft_threshold > 0 stops a round's
+    drafting where the draft's top probability is below it (HF's assistant_confidence_threshold, llama.cpp's p_min):
+    it looks only at the draft, so it stays exact. draft may be target itself: one shared KV cache, correct since
+    both write the same keys and values at the same positions. dtype: of the sampling sums (None: the device's)."""
+    _check_settings(max_new_tokens, temperature, top_k, top_p, gamma, draft_threshold)
+    _check_vocab(target, draft)
+    # tokens (1, prompt + max_new_tokens): the run's tokens on the device, the prompt first
+    tokens, t0, prefill_seconds = _start([target, draft], prompt_ids, max_new_tokens)
+    generator, dtype = make_generator(tokens.device, seed), dtype or sampling_dtype(tokens.device)
+    filters = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    stop_ids, new_ids, rounds = set(stop_ids or ()), [], []
+    n = len(prompt_ids)  # tokens so far; the target's cache holds the first n - 1
+    read = n - 1  # how many the draft's cache holds
+    while len(new_ids) < max_new_tokens:
+        # 1. the draft reads what it has not seen (1 token, or 2 after a round that accepted every
+        # draft), then proposes x_1..x_k, x_i ~ q_i; a round emits at most k + 1 tokens: never draft
+        # past max_new_tokens
+        k = min(gamma, max_new_tokens - len(new_ids) - 1)
+        x, q, read, draft_forwards = _draft(draft, tokens[:, read:n], read, k, filters, draft_threshold,
+                                            generator, dtype)
+
+        # 2. the target scores [last token, x_1..x_k] in ONE forward: p_1..p_{k+1}
+        inp = torch.cat([tokens[0, n - 1:n], x]).view(1, -1)  # (1, k+1)
+        logits = target(inp, input_pos=n - 1, last_n=len(x) + 1)
+        p = sample_probs(logits[0], **filters)  # (k+1, V)
+
+        # 3. verify: accept a prefix of the drafts, and add one token sampled by the target
+        n_accepted, token = verify(x, q, p, generator, dtype, on_device=True)
+        n_accepted, *proposed = torch.cat([n_accepted.view(1), x, token.view(1)]).tolist()  # one sync
+        new = proposed[:n_accepted] + proposed[-1:]
+
+        # 4. advance both caches to the accepted tokens; "rolling back" is only that: slots past
+        # them hold rejected tokens, are never attended to, and are overwritten by the next round
+        tokens[0, n:n + len(new)] = torch.cat([x[:n_accepted], token.view(1)])
+        read = min(read, n + n_accepted)
+        new, n_accepted, n_drafted = _cut_at_stop(new, n_accepted, len(x), stop_ids)
+        rounds.append((n_drafted, n_accepted, draft_forwards))
+        new_ids += new
+        n += len(new)
+        if on_tokens is not None:
+            on_tokens(new, n_accepted)
+        if new[-1] in stop_ids:
+            break
+
+    stats = _stats(rounds, gamma, len(new_ids), t0, prefill_seconds, tokens.device)
+    stats.update(cost_ratio(draft, target))
+    stats["mbsu"] = mbsu(stats["block_efficiency"], stats["effective_gamma"], stats["c"])
+    return new_ids, stats
+
+
+def _draft(draft, fresh, pos, k, filters, threshold, generator, dtype):
+    """Step 1 of a round: the draft reads `fresh` (1, 1 or 2) at cache slot pos, then drafts up to k tokens
+    x_i ~ q_i -> (x (n,), q (n, V), slots its cache now holds, forwards it ran); n < k where the draft-length rule
+    stopped it. Everything stays on the device: no host sync unless the rule is on."""
+    x = torch.empty(k, dtype=torch.long, device=fresh.device)
+    q = torch.empty(k, draft.config.vocab_size, device=fresh.device)
+    n = forwards = 0
+    while n < k:
+        logits = draft.to_vocab(draft(fresh, input_pos=pos, last_n=1))[0, -1]  # (V,), -inf off a trimmed head
+        pos, forwards = pos + fresh.size(1), forwards + 1
+        q[n] = sample_probs(logits, **filters)
+        if threshold:  # a host sync per draft step; greedy's q is one-hot, so there judge the softmax
+            confidence = q[n] if filters["temperature"] else torch.softmax(logits, -1)
+            if confidence.max().item() < threshold:
+                break  # the draft has read x_n already: next round it needs only what the target adds
+        x[n] = sample(q[n], generator, dtype)
+        fresh, n = x[n:n + 1].view(1, 1), n + 1
+        common.mark_step(x.device)  # Gaudi's lazy mode: one graph per draft step, not one per round
+    return x[:n], q[:n], pos, forwards
+
+
+def _cut_at_stop(new, n_accepted, n_drafted, stop_ids):
+    """A round's tokens up to the first stop token (included) -> (new, n_accepted, n_drafted). A stop token among
+    the accepted drafts ends the round there: the drafts after it count as neither drafted nor accepted."""
+    for i, token in enumerate(new[:n_accepted]):
+        if token in stop_ids:
+            return new[:i + 1], i + 1, i + 1
+    return new, n_accepted, n_drafted
+
+
+def _stats(rounds, gamma, new_tokens, t0, prefill_seconds, device):
+    """Stop the clock; the counts and rates of a run from its rounds, each (drafted, accepted, draft forwards) of
+    one target forward. alpha = accepted / drafted (it falls with gamma); the per-token acceptance beta = accepted
+    / (accepted + rejections) (it does not; a round rejects once at most); tau = new tokens / target forwards; the
+    effective gamma = draft forwards / target forwards (what a round paid in draft steps)."""
+    common.sync(device)  # the device may still be working: wait before reading the clock
+    seconds = time.perf_counter() - t0
+    drafted, accepted, draft_forwards = (sum(r[i] for r in rounds) for i in range(3))
+    rejections, n_rounds = sum(a < d for d, a, _ in rounds), len(rounds)
+    return dict(
+        drafted=drafted, accepted=accepted, rejections=rejections, target_forwards=n_rounds,
+        draft_forwards=draft_forwards, new_tokens=new_tokens, gamma=gamma, seconds=seconds,
+        prefill_seconds=prefill_seconds, tokens_per_second=new_tokens / seconds if seconds > 0 else 0.0,
+        # how far drafts go: [i] counts the rounds that drafted (accepted) a token i+1
+        drafted_per_position=[sum(d > i for d, _, _ in rounds) for i in range(gamma)],
+        accepted_per_position=[sum(a > i for _, a, _ in rounds) for i in range(gamma)],
+        acceptance_rate=accepted / drafted if drafted else 0.0,
+        beta=accepted / (accepted + rejections) if accepted + rejections else 0.0,
+        block_efficiency=new_tokens / n_rounds if n_rounds else 0.0,
+        effective_gamma=draft_forwards / n_rounds if n_rounds else 0.0)
+
+
+STATIC_BUCKET = 64  # cache slots read at a time where shapes must repeat (accelerators, --compile)
+
+
+def _start(models, prompt_ids, max_new_tokens):
+    """Check the run fits, make room in the caches and write prompt[:-1] into them -> (tokens (1, prompt +
+    max_new_tokens) on the device, the prompt first; the clock's start; the prefill's seconds). The first step
+    feeds the last prompt token, so every counted forward produces tokens and the prefill none."""
+    _check_run(prompt_ids, models, max_new_tokens)
+    device = next(models[0].parameters()).device
+    tokens = torch.tensor([list(prompt_ids) + [0] * max_new_tokens], device=device)  # the run's one upload
+    models = list({id(m): m for m in models}.values())  # the target as its own draft: one cache, filled once
+    for m in models:
+        if device.type != "cpu":  # accelerators compile a graph per shape: read the cache in buckets (static)
+            m.cache_bucket = max(m.cache_bucket, STATIC_BUCKET)
+        m.setup_cache(1, len(prompt_ids) + max_new_tokens - 1)
+    common.sync(device)
+    t0 = time.perf_counter()
+    for m in models:
+        if len(prompt_ids) > 1:
+            m.prefill(tokens[:, :len(prompt_ids) - 1])
+    common.sync(device)
+    return tokens, t0, time.perf_counter() - t0
+
 
 def _check_settings(max_new_tokens, temperature, top_k, top_p, gamma=None, draft_threshold=0.0):
     if max_new_tokens < 1:
@@ -139,14 +299,17 @@ def _check_settings(max_new_tokens, temperature, top_k, top_p, gamma=None, draft
         raise common.UserError(f"top_p must be in (0, 1], got {top_p}")
 
 
-def _check_run(prompt_ids, models, needed, what):
-    """A prompt, and room for the whole run in every model's context (static KV caches do not grow)."""
+def _check_run(prompt_ids, models, max_new_tokens):
+    """A prompt, and room in every model's context for what a run writes to its cache: the prompt and the new
+    tokens but the last, which is sampled and never fed (the drafts never reach past max_new_tokens either)."""
     if len(prompt_ids) == 0:
         raise common.UserError("the prompt is empty: give at least one token of prompt")
-    for name, m in models.items():
+    needed = len(prompt_ids) + max_new_tokens - 1
+    for m in models:
         if needed > m.config.max_seq_len:
-            raise common.UserError(f"{what} = {needed} tokens is longer than the {name} model's context of "
-                                   f"{m.config.max_seq_len} tokens; shorten the prompt or max_new_tokens")
+            raise common.UserError(f"the prompt ({len(prompt_ids)} tokens) and max_new_tokens ({max_new_tokens}) "
+                                   f"need {needed} positions, more than a model's context of "
+                                   f"{m.config.max_seq_len}; shorten the prompt or max_new_tokens")
 
 
 def _check_vocab(target, draft):
@@ -155,182 +318,12 @@ def _check_vocab(target, draft):
     if draft.config.vocab_size != target.config.vocab_size:
         raise common.UserError(f"vocabulary mismatch: the target has {target.config.vocab_size} tokens, the draft "
                                f"has {draft.config.vocab_size}; train the draft with the target's tokenizer")
-    if target.head_ids is not None:
+    if target.is_trimmed:
         raise common.UserError("the target's head is trimmed: speculative decoding needs its whole distribution")
 
 
-def _start(models, prompt_ids, cache_len, gamma):
-    """Static KV caches of cache_len slots holding prompt[:-1], zeroed counts, the clock started -> (stats, t0).
-    The first decoding step feeds the last prompt token, so every counted forward produces tokens and the prefill
-    none (it is timed: in the run's seconds, and apart as prefill_seconds)."""
-    # accepted_per_position[i]: rounds whose draft token i+1 was accepted (a histogram of how far drafts go);
-    # drafted_per_position[i]: rounds that drafted a token i+1 (the last rounds may draft fewer than gamma)
-    stats = dict(drafted=0, accepted=0, rejections=0, accepted_per_position=[0] * gamma,
-                 drafted_per_position=[0] * gamma, target_forwards=0, draft_forwards=0, new_tokens=0, gamma=gamma)
-    device = next(models[0].parameters()).device
-    for m in models:
-        m.setup_cache(1, max_seq_len=cache_len)
-    common.sync(device)
-    t0 = time.perf_counter()
-    for m in models:
-        if len(prompt_ids) > 1:
-            m(torch.tensor([prompt_ids[:-1]], device=device), input_pos=0, last_n=1)
-    common.sync(device)
-    stats["prefill_seconds"] = time.perf_counter() - t0
-    return stats, t0
-
-
-def _count_round(stats, n_drafted, n_accepted, rejected):
-    """One target forward that judged n_drafted draft tokens, n_accepted of which reached the output."""
-    stats["target_forwards"] += 1
-    stats["drafted"] += n_drafted
-    stats["accepted"] += n_accepted
-    stats["rejections"] += rejected
-    for i in range(n_drafted):
-        stats["drafted_per_position"][i] += 1
-    for i in range(n_accepted):
-        stats["accepted_per_position"][i] += 1
-
-
-def _finish_stats(stats, new_tokens, t0, device):
-    """Stop the clock and derive the rates: alpha = accepted / drafted (it falls with gamma), the per-token
-    acceptance beta = accepted / (accepted + rejections) (it does not), tau = new tokens / target forwards, and
-    the effective gamma = draft forwards / target forwards (what a round paid in draft steps)."""
-    common.sync(device)  # the device may still be working: wait before reading the clock
-    stats["seconds"] = time.perf_counter() - t0
-    stats["new_tokens"] = new_tokens
-    stats["tokens_per_second"] = new_tokens / stats["seconds"] if stats["seconds"] > 0 else 0.0
-    rounds, judged = stats["target_forwards"], stats["accepted"] + stats["rejections"]
-    stats["acceptance_rate"] = stats["accepted"] / stats["drafted"] if stats["drafted"] else 0.0
-    stats["beta"] = stats["accepted"] / judged if judged else 0.0
-    stats["block_efficiency"] = new_tokens / rounds if rounds else 0.0
-    stats["effective_gamma"] = stats["draft_forwards"] / rounds if rounds else 0.0
-    return stats
-
-
-def _cut_at_stop(tokens, n_from_draft, stop_ids):
-    """A round's tokens up to and including the first stop token, which may be an accepted draft token; returns
-    (tokens, how many of them came from the draft)."""
-    for i, t in enumerate(tokens):
-        if t in stop_ids:
-            return tokens[: i + 1], min(n_from_draft, i + 1)
-    return tokens, n_from_draft
-
-
-@torch.no_grad()
-def autoregressive(target, prompt_ids, max_new_tokens, temperature=0.6, top_k=None, top_p=None, seed=None,
-                   stop_ids=None, on_token=None, dtype=None):
-    """The baseline: one target forward per new token, same sampling filter -> (new_ids, stats). Stops after
-    max_new_tokens, or right after a token in stop_ids (included). on_token(token_id) sees each new token."""
-    _check_settings(max_new_tokens, temperature, top_k, top_p)
-    _check_run(prompt_ids, {"target": target}, len(prompt_ids) + max_new_tokens, "prompt + max_new_tokens")
-    device = next(target.parameters()).device
-    generator = make_generator(device, seed)
-    dtype = dtype or sampling_dtype(device)
-    stop_ids = set(stop_ids or ())
-    stats, t0 = _start([target], prompt_ids, len(prompt_ids) + max_new_tokens, gamma=0)
-
-    new_ids, token = [], prompt_ids[-1]
-    while len(new_ids) < max_new_tokens:
-        pos = len(prompt_ids) - 1 + len(new_ids)  # cache position of `token`
-        logits = target(torch.tensor([[token]], device=device), input_pos=pos, last_n=1)  # (1, 1, V)
-        probs = sample_probs(logits[0, -1], temperature, top_k, top_p)  # (V,)
-        token = sample(probs, generator, dtype)  # () a position in the head: a vocabulary id unless it is trimmed
-        token = (token if target.head_ids is None else target.head_ids[token]).item()  # also ends a lazy graph
-        stats["target_forwards"] += 1
-        new_ids.append(token)
-        if on_token is not None:
-            on_token(token)
-        if token in stop_ids:
-            break
-    return new_ids, _finish_stats(stats, len(new_ids), t0, device)
-
-
-@torch.no_grad()
-def generate(target, draft, prompt_ids, max_new_tokens, gamma=3, temperature=0.6, top_k=None, top_p=None,
-             seed=None, stop_ids=None, on_tokens=None, draft_threshold=0.0, dtype=None):
-    """Speculative sampling with static KV caches (Leviathan et al. 2023, Algorithm 1, looped) -> (new_ids, stats),
-    new_ids distributed exactly as autoregressive(target, ...) would sample them.
-
-    on_tokens(tokens, n_from_draft) gets each round's new tokens, the first n_from_draft accepted drafts. Stops at
-    max_new_tokens, or right after a token in stop_ids (included), even a draft. draft_threshold > 0 stops a round's
-    drafting where the draft's top probability is below it (HF's assistant_confidence_threshold, llama.cpp's p_min):
-    it looks only at the draft, so it stays exact. draft may be target itself: one shared KV cache, correct since
-    both write the same keys and values at the same positions. dtype: of the sampling sums (None: the device's)."""
-    _check_settings(max_new_tokens, temperature, top_k, top_p, gamma, draft_threshold)
-    # the target's last forward may reach gamma slots past the end; keep the bound simple and safe
-    needed = len(prompt_ids) + max_new_tokens + gamma + 1
-    _check_run(prompt_ids, {"target": target, "draft": draft}, needed, "prompt + max_new_tokens + gamma + 1")
-    _check_vocab(target, draft)
-    device = next(target.parameters()).device
-    generator = make_generator(device, seed)
-    dtype = dtype or sampling_dtype(device)
-    filters = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-    V = target.config.vocab_size
-    stop_ids = set(stop_ids or ())
-    stats, t0 = _start([target, draft], prompt_ids, needed, gamma)
-
-    ids = list(prompt_ids)  # everything so far; the target's cache always holds ids[:-1]
-    draft_len = len(ids) - 1  # the draft's cache holds ids[:draft_len]
-    n_prompt = len(prompt_ids)
-    while len(ids) - n_prompt < max_new_tokens:
-        # a round emits at most n_draft + 1 tokens: never draft past max_new_tokens
-        n_draft = min(gamma, max_new_tokens - (len(ids) - n_prompt) - 1)
-
-        # 1. the draft proposes x_1..x_n one by one, x_i ~ q_i. It is first fed the tokens it has not seen yet:
-        # 1, or 2 after a round that accepted every draft (the last draft token and the bonus token)
-        inp = torch.tensor([ids[draft_len:]], device=device)  # (1, 1 or 2)
-        qs, xs = [], []
-        while len(xs) < n_draft:
-            logits = draft(inp, input_pos=draft_len, last_n=1)  # (1, 1, K), K = V unless the head is trimmed
-            draft_len += inp.size(1)
-            stats["draft_forwards"] += 1
-            q_i = sample_probs(logits[0, -1], **filters)  # (K,)
-            if draft_threshold:  # a host sync per draft step; greedy's q_i is one-hot, so there judge the softmax
-                confidence = q_i if temperature else torch.softmax(logits[0, -1].float(), -1)  # (K,)
-                if confidence.max().item() < draft_threshold:
-                    break
-            x = sample(q_i, generator, dtype)  # () stays on the device: no sync while drafting
-            if draft.head_ids is not None:  # a trimmed head: its index -> a vocabulary id, q_i zero off the head
-                x, q_i = draft.head_ids[x], q_i.new_zeros(V).index_copy_(0, draft.head_ids, q_i)  # (), (V,)
-            qs.append(q_i)
-            xs.append(x)
-            inp = x.view(1, 1)
-            common.mark_step(device)  # Gaudi's lazy mode: one graph per draft step, not one per round
-        # the last draft token is fed next round if accepted (where the rule stopped drafting, it was fed already)
-        n_draft = len(xs)
-
-        # 2. the target scores [last token, x_1..x_n] in ONE forward: p_1..p_{n+1}
-        drafts = torch.stack(xs) if n_draft else torch.zeros(0, dtype=torch.long, device=device)  # (n,)
-        inp = torch.cat([torch.tensor(ids[-1:], device=device), drafts]).view(1, n_draft + 1)
-        logits = target(inp, input_pos=len(ids) - 1, last_n=n_draft + 1)  # (1, n+1, V)
-        p = sample_probs(logits[0], **filters)  # (n+1, V)
-        q = torch.stack(qs) if n_draft else p.new_zeros(0, V)  # (n, V)
-
-        # 3. verify: accept a prefix of the drafts, and add one token sampled by the target
-        n_accepted, next_token = verify(drafts, q, p, generator, dtype)
-        new = drafts[:n_accepted].tolist() + [next_token]  # verify already synced: this copy does not stall
-
-        # 4. advance both caches to the accepted length; "rolling back" is only that: slots past it hold
-        # rejected tokens, are never attended to, and are overwritten by the next round
-        draft_len = min(draft_len, len(ids) + n_accepted)
-        new, n_from_draft = _cut_at_stop(new, n_accepted, stop_ids)
-        # count what reaches the output: accepted drafts after a stop token, and a rejection after it, do not
-        _count_round(stats, n_draft, n_from_draft, rejected=n_from_draft == n_accepted < n_draft)
-        ids.extend(new)
-        if on_tokens is not None:
-            on_tokens(new, n_from_draft)
-        if new[-1] in stop_ids:
-            break
-
-    stats.update(cost_ratio(draft, target))
-    stats = _finish_stats(stats, len(ids) - n_prompt, t0, device)
-    stats["mbsu"] = mbsu(stats["block_efficiency"], stats["effective_gamma"], stats["c"])
-    return ids[n_prompt:], stats
-
-
 # -----------------------------------------------------------------------------
-# 5. metrics
+# 4. metrics
 
 def cost_ratio(draft, target):
     """c = draft parameters / target parameters, in total and without the embedding table: a proxy for the
@@ -355,7 +348,7 @@ def speedup(base_seconds, base_tokens, spec_seconds, spec_tokens):
 
 
 # -----------------------------------------------------------------------------
-# 6. which dtype each job runs fastest in, on this machine
+# 5. which dtype each job runs fastest in, on this machine
 
 @torch.no_grad()
 def step_costs(target, draft, prompt_ids, gamma, repeats=7):
@@ -387,14 +380,14 @@ def in_dtype(model, dtype):
     return model if next(model.parameters()).dtype == dtype else copy.deepcopy(model).to(dtype)
 
 
-def fastest_dtypes(target, draft, gamma, say=print):
+def fastest_dtypes(target, draft, gamma, prepack=False, say=print):
     """--dtype auto on a CPU with bf16 units: time both jobs in float32 and bfloat16 and give each the faster
     -> {"autoregressive": dtype, "speculative": dtype}. Plain decoding pays a 1-token target forward a token; a
     round pays gamma draft steps and a (gamma+1)-token target forward. Which wins depends on the CPU (Intel's AMX
     makes a 1-row bf16 matmul slower than fp32's, 4 rows as cheap as 1), so it is measured once per machine and
     cached ($FASTDRAFT_CACHE, default ~/.cache/fastdraft/decode_dtypes.json; delete the file to measure again)."""
     key = (f"{common.cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads | target "
-           f"{target.num_params()} | draft {draft.num_params()} | gamma {gamma}")
+           f"{target.num_params()} | draft {draft.num_params()} | gamma {gamma}" + " | prepacked bf16" * prepack)
     path = common.cache_file("decode_dtypes.json")
     try:
         cache = json.loads(path.read_text())
@@ -407,7 +400,10 @@ def fastest_dtypes(target, draft, gamma, say=print):
         for _ in range(2):  # interleaved, so a change in the machine's load hits both dtypes alike
             for name in runs:
                 dt = common.parse_dtype(name)
-                runs[name].append(step_costs(in_dtype(target, dt), in_dtype(draft, dt), prompt, gamma, repeats=5))
+                t, d = in_dtype(target, dt), in_dtype(draft, dt)
+                if prepack and dt == torch.bfloat16:  # what --prepack will run: packed bf16 weights
+                    t, d = model.prepack_for_cpu(t), model.prepack_for_cpu(d)
+                runs[name].append(step_costs(t, d, prompt, gamma, repeats=5))
         # the smaller of two medians: a busy machine only ever adds time
         costs = {name: {k: min(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
         cache[key] = costs
@@ -424,15 +420,17 @@ def fastest_dtypes(target, draft, gamma, say=print):
 
 
 # -----------------------------------------------------------------------------
-# 7. the command line
+# 6. the command line
 
 def compile_models(device, *models):
-    """--compile: torch.compile every model's decoder layers once, the KV cache read in buckets (compile_blocks),
-    so decoding builds one graph per shape, not one per token."""
+    """--compile: torch.compile every model's decoder layers once, with static shapes (compile_blocks): CUDA graphs
+    on cuda (the KV caches are buffers, allocated once), Gaudi's backend on hpu, inductor's C++ on the CPU. Inductor
+    keeps what it compiled on disk (~/.cache/fastdraft/inductor): the long warm-up is paid once per machine."""
     if device.type == "hpu" and common.hpu_lazy():
         raise common.UserError("--compile needs Gaudi's eager mode (PT_HPU_LAZY_MODE=0): lazy mode has no "
                                "torch.compile backend")
-    kwargs = {"backend": "hpu_backend"} if device.type == "hpu" else {}  # Gaudi's torch.compile backend
+    kwargs = {"hpu": {"backend": "hpu_backend"}, "cuda": {"mode": "reduce-overhead"}}.get(device.type, {})
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.expanduser("~/.cache/fastdraft/inductor"))
     for m in {id(m): m for m in models}.values():  # the target as its own draft is compiled once
         m.compile_blocks(**kwargs)
 
@@ -461,7 +459,10 @@ def main():
     ap.add_argument("--device", default="auto", help="auto|cpu|cuda|mps|hpu")
     ap.add_argument("--dtype", default="auto", help="auto (bfloat16 on cuda, hpu and CPUs with bf16 matrix "
                                                     "units, else float32)|float32|bfloat16|float16")
-    ap.add_argument("--compile", action="store_true", help="torch.compile both models' layers (slow first steps)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile both models' layers (slow first steps; "
+                    "CUDA graphs on cuda)")
+    ap.add_argument("--prepack", action="store_true", help="bf16 on a CPU: lay the weights out once for oneDNN "
+                    "(faster steps where bf16 matmuls pay a per-call reorder, e.g. AMX Xeons; more memory)")
     ap.add_argument("--visualize", action="store_true", help="colour accepted draft and target-sampled tokens apart")
     ap.add_argument("--compare", action="store_true", help="also time the autoregressive baseline: both speeds and "
                     "the wall-clock speedup (bench.py measures what each forward costs and predicts the speedup)")
@@ -487,13 +488,17 @@ def main():
     if draft is not target:
         tokenizer.check_draft_vocab(tok, args.draft, draft.config.vocab_size)
     # each job in its own fastest dtype; --compare also times plain decoding in the speculative run's dtype
-    dtypes = fastest_dtypes(target, draft, args.gamma) if measure else dict(autoregressive=dtype, speculative=dtype)
+    dtypes = fastest_dtypes(target, draft, args.gamma, prepack=args.prepack) if measure else \
+        dict(autoregressive=dtype, speculative=dtype)
     spec_dtype, base_dtype = dtypes["speculative"], dtypes["autoregressive"]
     target, draft = in_dtype(target, spec_dtype), (None if draft is target else in_dtype(draft, spec_dtype))
     draft = draft or target
     bases = {base_dtype: in_dtype(target, base_dtype)}  # the fastest plain decoding (first), the same dtype's
     if args.compare:
         bases.setdefault(spec_dtype, target)
+    if args.prepack:  # bf16 on a CPU only (model.prepack_for_cpu); each model object is packed once
+        for m in {id(m): m for m in (target, draft, *bases.values())}.values():
+            model.prepack_for_cpu(m)
     if args.compile:
         compile_models(device, target, draft, *bases.values())
 

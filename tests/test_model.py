@@ -342,6 +342,67 @@ def test_rewriting_from_earlier_position_equals_fresh_cache():
     torch.testing.assert_close(rolled, m(x)[:, 10:], atol=1e-5, rtol=0)
 
 
+def test_cache_is_allocated_once_and_reused_exactly():
+    """setup_cache keeps a cache that is big enough (a new one comes at a power of two >= 256 slots), and a run
+    in a reused cache, over another run's stale slots, computes what a fresh model does."""
+    m, a, b = tiny_model(weight_std=0.3), ids(T=30, B=1, seed=1), ids(T=12, B=1, seed=2)
+    with torch.no_grad():
+        m.setup_cache(1, 40)
+        k = m.layers[0].self_attn.k_cache
+        assert k.shape == (1, 2, 256, 16) and m.cache_len == 256
+        m(a, input_pos=0)
+        for B, S in ((1, 200), (1, 256)):
+            m.setup_cache(B, S)
+            assert m.layers[0].self_attn.k_cache is k
+        reused = torch.cat([m(b[:, :5], input_pos=0)] + [m(b[:, t:t + 1], input_pos=t) for t in range(5, 12)], 1)
+        torch.testing.assert_close(reused, m(b), atol=1e-4, rtol=0)
+        m.setup_cache(2, 40)      # more rows: a new cache
+        m.setup_cache(1, 300)     # longer: the next power of two
+        assert m.layers[0].self_attn.k_cache.shape == (1, 2, 512, 16) and "k_cache" not in m.state_dict()
+
+
+def test_grouped_query_attention_paths_agree(monkeypatch):
+    """Training attention with SDPA's enable_gqa (torch >= 2.5) and with the kv heads repeated (torch 2.4, mps,
+    hpu) compute the same, as does decoding's masked path that folds the heads sharing a kv head into rows."""
+    m, x = tiny_model(n_heads=8, n_kv_heads=2, weight_std=0.3), ids(T=20)
+
+    def cached():
+        m.setup_cache(2, 32)
+        return torch.cat([m(x[:, :7], input_pos=0), m(x[:, 7:8], input_pos=7), m(x[:, 8:], input_pos=8)], 1)
+    with torch.no_grad():
+        fused, fused_masked = m(x), cached()
+        monkeypatch.setattr(M, "SDPA_HAS_GQA", False)
+        repeated, folded = m(x), cached()
+    for out in (fused_masked, repeated, folded):
+        torch.testing.assert_close(out, fused, atol=1e-4, rtol=0)
+    q, k, v = torch.randn(1, 8, 5, 16), torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16)
+    reference = torch.softmax((q @ k.repeat_interleave(4, 1).transpose(-1, -2) / 4).masked_fill(
+        torch.ones(5, 5, dtype=torch.bool).triu(1), float("-inf")), -1) @ v.repeat_interleave(4, 1)
+    torch.testing.assert_close(M.attend(q, k, v), reference, atol=1e-5, rtol=0)
+    torch.testing.assert_close(M.attend(q, k, v, M.cache_mask(torch.arange(5), 5)), reference, atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN")
+@pytest.mark.parametrize("tie,trim", [(True, False), (True, True), (False, False)])
+def test_prepacked_bfloat16_decoding_is_bfloat16_decoding(tie, trim):
+    """prepack_for_cpu changes the weights' layout, not the model: its logits are as close to float32's as plain
+    bf16's are (bf16 rounding, measured here), at one row and at four; fp32 models are left alone."""
+    m, x = tiny_model(tie_embeddings=tie, weight_std=0.1), ids(T=12, B=1)
+    if trim:
+        m.trim_head(list(range(0, 128, 3)))
+    ref = m(x).detach()
+    assert M.prepack_for_cpu(m)._packed_head is None
+    plain, packed = copy.deepcopy(m).to(torch.bfloat16), M.prepack_for_cpu(copy.deepcopy(m).to(torch.bfloat16))
+    assert packed._packed_head is not None
+    with torch.no_grad():
+        for model in (plain, packed):
+            model.setup_cache(1, 16)
+        outs = [torch.cat([mm(x[:, :8], input_pos=0), mm(x[:, 8:9], input_pos=8), mm(x[:, 9:], input_pos=9)], 1)
+                for mm in (plain, packed)]
+    err_plain, err_packed = ((o - ref).abs().max().item() for o in outs)
+    assert 0 < err_packed <= 2 * err_plain + 1e-3, (err_packed, err_plain)
+
+
 def test_keeping_cache_rows_continues_exactly_those_rows():
     m, x = tiny_model(), ids(T=12, B=3, seed=4)
     with torch.no_grad():
@@ -443,6 +504,10 @@ def test_trimmed_head_predicts_the_subset_and_round_trips(tmp_path, tie):
         m.trim_head(subset)
         torch.testing.assert_close(m(x), full[..., subset])      # the subset's logits, in the subset's order
     assert m.head_index(torch.tensor([100, 5])).tolist() == [2, -1]
+    with torch.no_grad():   # decoding samples from the whole vocabulary: the subset's logits at their ids
+        vocab = m.to_vocab(m(x))
+    assert m.is_trimmed and vocab.shape == full.shape and torch.equal(vocab[..., subset], m(x))
+    assert (vocab.isinf().sum(-1) == 128 - len(subset)).all()
     checkpoint.save_model(m, tmp_path / "d")
     back = checkpoint.load_model(tmp_path / "d")
     assert back.head_ids.tolist() == subset
