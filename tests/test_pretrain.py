@@ -1,5 +1,7 @@
 """pretrain.py over train.py: the loop learns, resumes exactly, survives signals, trains in step under torchrun,
 and writes drafts that transformers loads. Tiny preset, a few steps, a small local corpus; offline on CPU."""
+import argparse
+import contextlib
 import json
 import os
 import re
@@ -79,6 +81,75 @@ def test_loss_is_the_mean_next_token_cross_entropy_by_hand():
         low = T.next_token_loss(draft, x, y)
     assert low.dtype == torch.float32 and low.item() != loss.item()
     assert low.item() == pytest.approx(loss.item(), abs=0.02)
+
+
+@contextlib.contextmanager
+def host_syncs():
+    """Record every call that would make the host wait for an accelerator (a value read back, a shape that depends
+    on data) into the yielded list. On the CPU nothing waits, but the same Python calls happen on a GPU."""
+    calls, real, patch = [], {}, pytest.MonkeyPatch()
+    for owner, names in ((torch.Tensor, ["item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__float__",
+                                         "__int__", "__index__", "__getitem__"]), (torch, ["tensor", "nonzero"])):
+        for name in names:
+            real[owner, name] = fn = getattr(owner, name)
+
+            def counted(*args, _name=name, _fn=fn, **kw):
+                boolean_index = _name == "__getitem__" and isinstance(args[1], torch.Tensor) and \
+                    args[1].dtype == torch.bool                     # x[mask]: a data-dependent shape
+                if _name != "__getitem__" or boolean_index:
+                    calls.append(_name)
+                return _fn(*args, **kw)
+            patch.setattr(owner, name, counted)
+    try:
+        yield calls
+    finally:
+        patch.undo()
+
+
+@pytest.mark.parametrize("trimmed", [False, True])
+def test_a_step_that_does_not_log_never_waits_for_the_device(trimmed):
+    draft = tiny_model(vocab_size=300, **SMALL).train()
+    if trimmed:
+        draft.trim_head(list(range(0, 300, 2)))
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randint(0, 300, (2, 8), generator=g), torch.randint(0, 300, (2, 8), generator=g)) for _ in range(8)]
+    marks = []   # the number of host syncs so far, each time the loop takes a micro-batch
+
+    def batches():
+        for batch in data:
+            marks.append(len(calls))
+            yield batch
+    opt = T.configure_optimizer(draft, 1e-3, 0.1)
+    cfg = T.LoopConfig(max_steps=4, lr=1e-3, grad_accum=2, log_every=100)   # logs after steps 1 and 4 only
+    with host_syncs() as calls:
+        report = T.train(draft, opt, batches(), cfg, device=torch.device("cpu"), loss_fn=T.next_token_loss,
+                         log=lambda *a: None)
+    assert len(report["losses"]) == 4 and len(marks) == 8
+    # micro-batches 2..5 are steps 2 and 3, which log nothing: from the first of them to step 4's first, no sync
+    assert calls[marks[2]:marks[6]] == []
+    assert "tolist" in calls[marks[6]:]   # the logging step reads the losses: the counter sees it
+
+
+@pytest.mark.parametrize("name, tflops", [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756),
+                                           ("NVIDIA H100 NVL", 835), ("NVIDIA A100-SXM4-80GB", 312),
+                                           ("NVIDIA L4", 121), ("NVIDIA L40S", 362), ("GAUDI2", 432),
+                                           ("GAUDI3", 1835), ("", None), ("Apple M2", None)])
+def test_mfu_knows_each_devices_peak(name, tflops):
+    peak = T.peak_flops(name)
+    assert (peak is None) if tflops is None else peak == tflops * 1e12
+
+
+def test_resume_rule_checkpoint_then_given_then_default(capsys):
+    defaults = {"lr": 1.0, "seq_len": 8, "max_tokens": 100, "new_flag": "x"}
+    args = argparse.Namespace(lr=2.0, max_tokens=300)            # given on the command line (SUPPRESS: no others)
+    given = common.run_args(args, defaults, {"lr": 3.0, "seq_len": 16, "max_tokens": 200}, may_change=["max_tokens"])
+    assert given == {"lr", "max_tokens"}
+    # lr: the checkpoint's, with a note; seq_len: the checkpoint's; max_tokens may change; new_flag: the default
+    assert vars(args) == {"lr": 3.0, "seq_len": 16, "max_tokens": 300, "new_flag": "x"}
+    assert "--lr is taken from the checkpoint" in capsys.readouterr().out
+    fresh = argparse.Namespace(lr=2.0)
+    common.run_args(fresh, defaults)
+    assert vars(fresh) == {"lr": 2.0, "seq_len": 8, "max_tokens": 100, "new_flag": "x"}
 
 
 def test_lr_schedule_warms_up_then_decays_to_min():
