@@ -312,6 +312,14 @@ def test_compile_in_gaudi_lazy_mode_is_one_clear_line(monkeypatch, tmp_path):
         P.main(["--compile", "--out", str(tmp_path / "x")])
 
 
+@pytest.mark.parametrize("device, lazy, flag, want", [
+    ("cuda", False, None, True), ("cpu", False, None, False), ("mps", False, None, False), ("hpu", False, None, True),
+    ("hpu", True, None, False), ("cuda", False, False, False), ("cpu", False, True, True)])
+def test_compile_is_on_by_default_where_it_pays(monkeypatch, device, lazy, flag, want):
+    monkeypatch.setattr(T, "hpu_lazy", lambda: lazy)
+    assert T.compile_default(flag, torch.device(device)) is want
+
+
 def test_corrupt_checkpoint_is_a_user_error(tmp_path):
     folder = tmp_path / "run"
     folder.mkdir()
