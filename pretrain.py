@@ -39,10 +39,10 @@ RUN_DEFAULTS = {"preset": "cpu-small", **dict.fromkeys(SHAPE_FLAGS), "tokenizer"
                 "data": "builtin", "val_data": None, "data_sharding": "documents", "seq_len": 256, "batch_size": 4,
                 "grad_accum": 1, "max_tokens": 5e5, "lr": 2e-3, "min_lr": None, "warmup": None,
                 "weight_decay": 0.1, "grad_clip": 1.0, "dtype": "auto", "seed": 0, "val_batches": 8}
-D = RUN_DEFAULTS
 
 
 def make_parser():
+    D = RUN_DEFAULTS
     p = argparse.ArgumentParser(
         description="FastDraft stages 1-2: pretrain (or continue pretraining) a draft model in the target's "
                     "vocabulary. One device, or many under torchrun.",
