@@ -186,3 +186,30 @@ def autocast(device, dtype=None):
     if dtype in (None, torch.float32):
         return nullcontext()
     return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+# -----------------------------------------------------------------------------
+# Training flags (pretrain.py, distill.py train)
+
+def check_flags(args, positive=(), non_negative=()):
+    """One clear line (exit 2) for a flag that must be > 0 or >= 0; flags left unset (None) pass."""
+    for names, bad, want in ((positive, lambda v: v <= 0, "positive"), (non_negative, lambda v: v < 0, "non-negative")):
+        for name in names:
+            if (v := getattr(args, name)) is not None and bad(v):
+                raise UserError(f"--{name.replace('_', '-')} must be {want} (got {v})")
+
+
+def run_args(args, defaults, saved=None, may_change=()):
+    """The --resume rule. The flags that define a run (the keys of `defaults`) have no argparse default
+    (argparse.SUPPRESS), so `args` holds only those given; each then takes the first of: the checkpoint's value
+    (`saved`, on --resume; a different one given now is noted and ignored unless in may_change), the value given,
+    its default. Returns the names given."""
+    given, saved = {name for name in defaults if hasattr(args, name)}, saved or {}
+    for name, default in defaults.items():
+        if name in saved and not (name in given and name in may_change):
+            if name in given and getattr(args, name) != saved[name]:
+                print(f"note: --{name.replace('_', '-')} is taken from the checkpoint ({saved[name]!r})")
+            setattr(args, name, saved[name])
+        elif name not in given:
+            setattr(args, name, default)
+    return given

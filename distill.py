@@ -29,14 +29,18 @@ import torch.nn.functional as F
 import synthetic
 import tokenizer
 from checkpoint import load_model, save_model
-from common import (UserError, decode_dtype, mark_step, pick_device, run_cli, train_dtype, write_atomic,
-                    write_json)
+from common import (UserError, check_flags, decode_dtype, mark_step, pick_device, run_args, run_cli, train_dtype,
+                    write_atomic, write_json)
 from speculative import make_generator, sample, sample_probs, sampling_dtype
-from train import (IGNORE, LoopConfig, autocast_off, check_flags, configure_optimizer, end_run, fused_next_token_loss,
-                   given_flags, head_targets, restore, resume_args, setup_distributed, summary, train,
-                   trim_to_frequent)
+from train import (IGNORE, LoopConfig, autocast_off, compile_default, configure_optimizer, end_run, head_targets,
+                   load_checkpoint, next_token_loss, setup_distributed, summary, train, trim_to_frequent)
 
 LOSSES = ("ce", "kl", "tvd", "ce+kl", "ce+tvd")
+# `train`'s flags that define a run, and their defaults; on --resume they come from the checkpoint
+TRAIN_DEFAULTS = {"draft": None, "target": None, "data": None, "loss": "ce", "kd_temperature": 1.0, "top_k": None,
+                  "kd_weight": 1.0, "head_vocab": None, "seq_len": None, "batch_size": 8, "grad_accum": 1,
+                  "epochs": 1.0, "max_steps": None, "lr": 3e-4, "min_lr": None, "warmup": None, "weight_decay": 0.1,
+                  "grad_clip": 1.0, "val_fraction": 0.05, "val_batches": 8, "dtype": "auto", "seed": 0}
 DEFAULT_TEMPERATURES = (0.6, 0.8, 1.0, 0.0)   # the paper's three temperatures plus greedy
 PROMPT_BUCKET = 64   # static shapes (cuda, hpu): prompt lengths are left-padded to a multiple of this
 
@@ -194,8 +198,10 @@ def generate_dataset(target, tok, *, prompts, out, target_spec, temperatures=DEF
 # -----------------------------------------------------------------------------
 # the losses: sequence-level KD (cross-entropy on the target's text) and the token-level variants
 
-def distill_loss(draft_logits, y, target_logits=None, loss="ce", kd_temperature=1.0, top_k=None, kd_weight=1.0):
-    """The training loss at the completion positions. draft_logits, target_logits (N, V); y (N,) target tokens.
+def distill_loss(draft_logits, y, target_logits=None, loss="ce", kd_temperature=1.0, top_k=None, kd_weight=1.0,
+                 scored=None):
+    """The training loss at the completion positions. draft_logits, target_logits (N, V); y (N,) target tokens,
+    IGNORE where no cross-entropy is scored; scored (N,) bool, where the token-level part is (default y != IGNORE).
     p is the target's distribution softened by the KD temperature, optionally truncated to its top-k tokens and
     renormalised (the paper's "sparse top-k target logits": k logits a token instead of V).
     ce:  cross-entropy on the target's sampled text = sequence-level KD (Kim & Rush 2016), the paper's default.
@@ -203,7 +209,8 @@ def distill_loss(draft_logits, y, target_logits=None, loss="ce", kd_temperature=
     tvd: total variation 0.5 * sum |p - q|; 1 - TVD is exactly the per-token acceptance probability of
          speculative sampling (Leviathan et al. 2023, Theorem 3.5), so it is the quantity decoding cares about.
     ce+kl, ce+tvd: the sum, the KD part weighted by kd_weight.
-    Returns (loss, {"ce": .., "kd": ..}) with the parts detached for logging."""
+    Returns (loss, {"ce": .., "kd": ..}) with the parts detached for logging. Every shape is fixed by N: masked
+    means, not boolean indexing, which on Gaudi would make each batch a new graph."""
     ce = F.cross_entropy(draft_logits.float(), y, ignore_index=IGNORE)
     if loss == "ce":
         return ce, {"ce": ce.detach()}
@@ -217,35 +224,36 @@ def distill_loss(draft_logits, y, target_logits=None, loss="ce", kd_temperature=
     if loss.endswith("kl"):
         # p log(p / q) with 0 log 0 = 0: truncated targets put exact zeros on most of the vocabulary
         logp = torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))
-        kd = torch.where(p > 0, p * (logp - log_q), torch.zeros_like(p)).sum(-1).mean() * kd_temperature ** 2
+        per_token = torch.where(p > 0, p * (logp - log_q), torch.zeros_like(p)).sum(-1) * kd_temperature ** 2
     else:
-        kd = 0.5 * (p - log_q.exp()).abs().sum(-1).mean()
+        per_token = 0.5 * (p - log_q.exp()).abs().sum(-1)                              # (N,)
+    scored = (y != IGNORE) if scored is None else scored
+    kd = (per_token * scored).sum() / scored.sum().clamp(min=1)
     total = kd if loss in ("kl", "tvd") else ce + kd_weight * kd
     return total, {"ce": ce.detach(), "kd": kd.detach()}
 
 
 def make_loss_fn(target, loss="ce", kd_temperature=1.0, top_k=None, kd_weight=1.0):
-    """loss_fn(draft, x, y) -> scalar, in the form train.train() runs (inside the DDP-wrapped module).
-    ce is train.py's fused next-token loss with the prompt positions ignored. The token-level losses project only
-    the completion positions to the vocabulary, for both models: prompt rows carry no loss, and the (B, T, V) logits
-    of a 49k-128k vocabulary are the biggest tensors of the step. A trimmed draft (K tokens) is compared with the
+    """loss_fn(draft, x, y) -> scalar, as train.train() runs it (inside the DDP-wrapped module). ce is train.py's
+    next-token loss, the prompt positions ignored. The token-level losses score every position of both models and
+    mask the prompt and the padding: a fixed shape for Gaudi's graphs, at the memory of (B, T, V) logits for each
+    model (lower --batch-size for kl and tvd at a large vocabulary). A trimmed draft (K tokens) is compared with the
     target's distribution restricted to those K tokens and renormalised: that is what the draft can express, and a
     q equal to it maximises acceptance sum_i min(p_i, q_i) over drafts zero elsewhere."""
     if loss not in LOSSES:
         raise UserError(f"unknown loss {loss!r} (choose {', '.join(LOSSES)})")
     if loss == "ce":
-        return fused_next_token_loss
+        return next_token_loss
 
     def loss_fn(draft, x, y):
-        keep = y != IGNORE                                                              # (B, T)
-        logits = draft.head(draft.hidden(x)[keep])                                      # (N, K)
+        logits = draft(x).flatten(0, 1)                                                 # (B*T, K)
         with torch.no_grad():   # the target is a fixed teacher: eval mode, no graph
-            target_logits = target.head(target.hidden(x)[keep])                         # (N, V)
+            target_logits = target(x).flatten(0, 1)                                    # (B*T, V)
         if draft.head_ids is not None:
-            target_logits = target_logits[:, draft.head_ids]                            # (N, K)
+            target_logits = target_logits[:, draft.head_ids]                            # (B*T, K)
         with autocast_off(x.device):
-            return distill_loss(logits, head_targets(draft, y[keep]), target_logits, loss, kd_temperature, top_k,
-                                kd_weight)[0]
+            return distill_loss(logits, head_targets(draft, y).flatten(), target_logits, loss, kd_temperature, top_k,
+                                kd_weight, scored=(y != IGNORE).flatten())[0]
     return loss_fn
 
 
@@ -279,44 +287,59 @@ def make_parser():
     g.add_argument("--magpie-max-tokens", type=int, default=128, help="instruction length cap for magpie:N")
     g.add_argument("--batch-size", type=int, default=16, help="prompts decoded together (one work unit)")
 
-    t = sub.add_parser("train", formatter_class=fmt, help="fine-tune the draft on a generated data set",
+    # The flags that define a training run have no argparse default (SUPPRESS: absent unless given), so that
+    # --resume tells a flag given now from one left out (common.run_args); their defaults are TRAIN_DEFAULTS.
+    D = TRAIN_DEFAULTS
+    t = sub.add_parser("train", formatter_class=fmt, argument_default=argparse.SUPPRESS,
+                       help="fine-tune the draft on a generated data set",
                        description="Fine-tune the draft on prompt + completion, loss on the completion only. "
                                    "Same devices, DDP (torchrun), checkpoints and --resume as pretrain.py.")
     t.add_argument("--draft", help="the draft folder to start from (pretrain.py's output)")
     t.add_argument("--target", help="the target (default: the data's manifest's); loaded only for the token-level "
                                     "losses, its tokenizer always checks the vocabulary")
     t.add_argument("--data", help="folder written by `distill.py generate`, or several: DIR1,DIR2")
-    t.add_argument("--out", default="out/aligned", help="checkpoint / final draft folder")
-    t.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR exactly where it stopped")
-    t.add_argument("--loss", default="ce", help=f"one of {', '.join(LOSSES)}; ce = sequence-level KD")
-    t.add_argument("--kd-temperature", type=float, default=1.0, help="softens both distributions in kl/tvd")
-    t.add_argument("--top-k", type=int, default=None, help="keep the target's top-k tokens, renormalised (kl/tvd)")
-    t.add_argument("--kd-weight", type=float, default=1.0, help="weight of the token-level part in ce+kl, ce+tvd")
+    t.add_argument("--loss", help=f"one of {', '.join(LOSSES)}; ce = sequence-level KD (default: {D['loss']})")
+    t.add_argument("--kd-temperature", type=float, help=f"softens both distributions in kl/tvd (default: "
+                                                        f"{D['kd_temperature']})")
+    t.add_argument("--top-k", type=int, help="keep the target's top-k tokens, renormalised (kl/tvd; default: all)")
+    t.add_argument("--kd-weight", type=float, help=f"weight of the token-level part in ce+kl, ce+tvd (default: "
+                                                   f"{D['kd_weight']})")
     t.add_argument("--head-vocab", type=int, metavar="K", help=head_help + " (a trimmed --draft keeps its own)")
     t.add_argument("--seq-len", type=int, help="rows are cut to this (default: the draft's context, <= 1024)")
-    t.add_argument("--batch-size", type=int, default=8, help="rows per micro-batch per process")
-    t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    t.add_argument("--epochs", type=float, default=1.0, help="passes over the data (sets the step count)")
+    t.add_argument("--batch-size", type=int, help=f"rows per micro-batch per process (default: {D['batch_size']})")
+    t.add_argument("--grad-accum", type=int, help=f"micro-batches per optimizer step (default: {D['grad_accum']})")
+    t.add_argument("--epochs", type=float, help=f"passes over the data, sets the step count (default: "
+                                                f"{D['epochs']})")
     t.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
-    t.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
+    t.add_argument("--lr", type=float, help=f"peak learning rate (default: {D['lr']:g})")
     t.add_argument("--min-lr", type=float, help="end of the cosine decay (default lr / 10)")
     t.add_argument("--warmup", type=int, help="linear warmup steps (default 5%% of the steps, at most 2000)")
-    t.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (matrices only)")
-    t.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
-    t.add_argument("--val-fraction", type=float, default=0.05, help="share of prompts held out for validation")
-    t.add_argument("--val-batches", type=int, default=8, help="batches per validation")
+    t.add_argument("--weight-decay", type=float, help=f"AdamW weight decay, matrices only (default: "
+                                                      f"{D['weight_decay']})")
+    t.add_argument("--grad-clip", type=float, help=f"clip the gradient norm, 0: off (default: {D['grad_clip']})")
+    t.add_argument("--val-fraction", type=float, help=f"share of prompts held out for validation (default: "
+                                                      f"{D['val_fraction']})")
+    t.add_argument("--val-batches", type=int, help=f"batches per validation (default: {D['val_batches']})")
+    t.add_argument("--dtype", help="autocast dtype: auto (bf16 on cuda/hpu, fp32 on cpu), float32, bfloat16 (cpu "
+                                   f"too); the draft's weights stay fp32 (default: {D['dtype']})")
+    t.add_argument("--seed", type=int, help=f"data order (default: {D['seed']})")
+    t.add_argument("--out", default=None, help="checkpoint / final draft folder; None: DIR of --resume, else "
+                                               "out/aligned")
+    t.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue the run saved in DIR exactly where it stopped (its flags are the checkpoint's)")
+    t.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the training step; None: on for cuda and Gaudi's eager mode, off elsewhere")
     t.add_argument("--eval-every", type=int, default=50, help="validate every N steps (0: only start and end)")
     t.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: only at the end)")
     t.add_argument("--log-every", type=int, default=10, help="log line every N steps")
-    t.add_argument("--stop-at", type=int, metavar="STEP", help="save and stop after this step (resume later)")
-    for s, dtype_help in ((g, "the target's weights: auto (bf16 on cuda/hpu and on CPUs with bf16 matrix units, else "
-                              "fp32), float32, bfloat16"),
-                          (t, "autocast dtype: auto (bf16 on cuda/hpu, fp32 on cpu), float32, bfloat16 (cpu too); "
-                              "the draft's weights stay fp32")):
+    t.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                   help="save and stop after this step (resume later)")
+    for s in (g, t):
         s.add_argument("--device", default="auto", help="auto, cpu, cuda, mps or hpu")
-        s.add_argument("--dtype", default="auto", help=dtype_help)
-        s.add_argument("--seed", type=int, default=0, help="sampling seeds (generate) / data order (train)")
-        s.add_argument("--json", metavar="PATH", help="write the final numbers as one JSON object")
+        s.add_argument("--json", default=None, metavar="PATH", help="write the final numbers as one JSON object")
+    g.add_argument("--dtype", default="auto", help="the target's weights: auto (bf16 on cuda/hpu and on CPUs with "
+                                                   "bf16 matrix units, else fp32), float32, bfloat16")
+    g.add_argument("--seed", type=int, default=0, help="sampling seeds")
 
     r = sub.add_parser("trim", formatter_class=fmt, help="trim an existing draft's head to K tokens",
                        description="The draft's head keeps the K tokens most frequent in the target's completions.")
@@ -328,10 +351,6 @@ def make_parser():
     return p
 
 
-# the flags that define a training run: on --resume they come from the checkpoint
-RUN_FLAGS = ["draft", "target", "data", "loss", "kd_temperature", "top_k", "kd_weight", "head_vocab", "seq_len",
-             "batch_size", "grad_accum", "epochs", "max_steps", "lr", "min_lr", "warmup", "weight_decay", "grad_clip",
-             "val_fraction", "val_batches", "dtype", "seed"]
 
 
 def cmd_generate(args):
@@ -406,10 +425,13 @@ def load_models(args, device, dtype):
     return draft, target, ttok
 
 
-def cmd_train(args, given):
-    meta = resume_args(args, given, RUN_FLAGS) if args.resume else {}
+def cmd_train(args):
+    meta = load_checkpoint(args.resume) if args.resume else {}
+    run_args(args, TRAIN_DEFAULTS, meta.get("args"))
+    args.out = args.out or args.resume or "out/aligned"
     check_train_args(args)
     device, dist = setup_distributed(pick_device(args.device))
+    compile = compile_default(args.compile, device)
     say, dtype = dist.say, train_dtype(device, args.dtype)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -431,13 +453,13 @@ def cmd_train(args, given):
     val_batches = [synthetic.pad_rows(val[i:i + args.batch_size], device, length)
                    for i in range(0, len(val), args.batch_size)] or None
     optimizer = configure_optimizer(draft, args.lr, args.weight_decay, device=device)
-    start_step = restore(args.resume, optimizer, batches, dist) if args.resume else 0
+    start_step = load_checkpoint(args.resume, optimizer, batches, dist)["step"] if args.resume else 0
     rows_per_step = args.batch_size * args.grad_accum * dist.world
     max_steps = args.max_steps or max(1, math.ceil(args.epochs * len(train_rows) / rows_per_step))
     cfg = LoopConfig(max_steps=max_steps, lr=args.lr, min_lr=args.min_lr, warmup=args.warmup,
                      grad_accum=args.grad_accum, grad_clip=args.grad_clip, dtype=dtype, eval_every=args.eval_every,
                      save_every=args.save_every, log_every=args.log_every, out=args.out, start_step=start_step,
-                     stop_at=args.stop_at, seq_len=args.seq_len)
+                     stop_at=args.stop_at, compile=compile, seq_len=args.seq_len)
     say(f"draft {draft.num_params() / 1e6:.2f}M params on {device}; target {args.target} "
         f"({'loaded as teacher' if target is not None else 'vocabulary only: ce needs no teacher'}); loss {args.loss}")
     say(f"{len(examples)} examples -> {len(train_rows)} train rows, {len(val_rows)} validation rows"
@@ -480,10 +502,7 @@ def cmd_trim(args):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = make_parser().parse_args(argv)
-    if args.command == "train":
-        cmd_train(args, given_flags(make_parser(), argv))
-    else:
-        {"generate": cmd_generate, "trim": cmd_trim}[args.command](args)
+    {"generate": cmd_generate, "train": cmd_train, "trim": cmd_trim}[args.command](args)
 
 
 if __name__ == "__main__":

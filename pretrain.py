@@ -25,31 +25,34 @@ import data
 import synthetic
 import tokenizer
 from checkpoint import load_model
-from common import UserError, hpu_lazy, pick_device, run_cli, train_dtype, write_json
+from common import UserError, check_flags, pick_device, run_args, run_cli, train_dtype, write_json
 from model import PRESETS, Transformer
-from train import (LoopConfig, check_flags, end_run, configure_optimizer, fused_next_token_loss, given_flags,
-                   next_token_loss, restore, resume_args, setup_distributed, summary, train, trim_to_frequent)
+from train import (LoopConfig, compile_default, configure_optimizer, end_run, load_checkpoint, next_token_loss,
+                   setup_distributed, summary, train, trim_to_frequent)
 
-LOSSES = {"fused": fused_next_token_loss, "plain": next_token_loss}
 HEAD_VOCAB_TOKENS = 1_000_000   # without --head-vocab-from, the subset is counted over this many training tokens
 SHAPE_FLAGS = ["dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "head_dim", "rope_theta"]
-# On --resume these come from the checkpoint (they define the run); the others belong to this session.
-RUN_FLAGS = ["preset", *SHAPE_FLAGS, "tokenizer", "init_from", "init_from_target", "target_layers", "head_vocab",
-             "head_vocab_from", "data", "val_data", "data_sharding", "seq_len", "batch_size", "grad_accum",
-             "max_tokens", "lr", "min_lr", "warmup", "weight_decay", "grad_clip", "dtype", "seed", "loss",
-             "val_batches"]
+# The flags that define a run, and their defaults. On the command line they have none (argparse.SUPPRESS: absent
+# unless given), so that --resume tells a flag given now from one left out (common.run_args: the rule).
+RUN_DEFAULTS = {"preset": "cpu-small", **dict.fromkeys(SHAPE_FLAGS), "tokenizer": "smollm2", "init_from": None,
+                "init_from_target": None, "target_layers": None, "head_vocab": None, "head_vocab_from": None,
+                "data": "builtin", "val_data": None, "data_sharding": "documents", "seq_len": 256, "batch_size": 4,
+                "grad_accum": 1, "max_tokens": 5e5, "lr": 2e-3, "min_lr": None, "warmup": None,
+                "weight_decay": 0.1, "grad_clip": 1.0, "dtype": "auto", "seed": 0, "val_batches": 8}
 
 
 def make_parser():
+    D = RUN_DEFAULTS
     p = argparse.ArgumentParser(
         description="FastDraft stages 1-2: pretrain (or continue pretraining) a draft model in the target's "
                     "vocabulary. One device, or many under torchrun.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=argparse.SUPPRESS,
         epilog="Stage 2 (continued pretraining): --init-from <stage-1 draft> --data \"builtin:code=0.67,"
                "builtin:prose=0.33\". Real-world: torchrun --nproc_per_node 8 pretrain.py --device hpu "
-               "--preset fastdraft-150m --target <Llama-3.1-8B folder> --data fineweb --max-tokens 10e9")
+               "--preset fastdraft-150m --target <Llama-3.1-8B folder> --data fineweb --max-tokens 10e9 "
+               "--seq-len 2048 --batch-size 8 --grad-accum 4")
     m = p.add_argument_group("draft model")
-    m.add_argument("--preset", default="cpu-small", help=f"size preset from model.py: {', '.join(PRESETS)}")
+    m.add_argument("--preset", help=f"size preset from model.py: {', '.join(PRESETS)} (default: {D['preset']})")
     m.add_argument("--dim", type=int, help="hidden size (overrides the preset)")
     m.add_argument("--n-layers", type=int, help="transformer blocks (overrides the preset)")
     m.add_argument("--n-heads", type=int, help="attention heads (overrides the preset)")
@@ -57,9 +60,9 @@ def make_parser():
     m.add_argument("--ffn-dim", type=int, help="SwiGLU intermediate size (overrides the preset)")
     m.add_argument("--head-dim", type=int, help="per-head size (default dim / n-heads)")
     m.add_argument("--rope-theta", type=float, help="RoPE base (overrides the preset)")
-    m.add_argument("--tokenizer", "--target", dest="tokenizer", default="smollm2",
-                   help="the target whose vocabulary the draft uses: smollm2, a HF folder, a .gguf, a draft folder, "
-                        "tokenizer.json/.model (default with --init-from: the draft's own tokenizer)")
+    m.add_argument("--tokenizer", "--target", dest="tokenizer",
+                   help=f"the target whose vocabulary the draft uses: smollm2, a HF folder, a .gguf, a draft folder, "
+                        f"tokenizer.json/.model (default: {D['tokenizer']}; with --init-from the draft's own)")
     m.add_argument("--init-from", metavar="DIR",
                    help="start from this draft's weights, fresh optimizer and schedule (continued pretraining)")
     m.add_argument("--init-from-target", metavar="SPEC", help="start from the target's embedding table (and head "
@@ -72,40 +75,54 @@ def make_parser():
     m.add_argument("--head-vocab-from", metavar="DIR[,DIR]",
                    help="`distill.py generate` folders whose completions (the target's text) choose --head-vocab")
     d = p.add_argument_group("data")
-    d.add_argument("--data", default="builtin",
-                   help="data spec (data.py): builtin, builtin:code, fineweb, hf:NAME..., files/globs, or a=0.7,b=0.3")
-    d.add_argument("--data-sharding", default="rows", choices=["rows", "documents"], help="under torchrun: rows = "
-                   "all ranks read one stream and split each global batch (the same training as one process); "
-                   "documents = each rank reads only its own documents (less reading per rank)")
+    d.add_argument("--data", help="data spec (data.py): builtin, builtin:code, fineweb, hf:NAME..., files/globs, or "
+                                  f"a=0.7,b=0.3 (default: {D['data']})")
+    d.add_argument("--data-sharding", choices=["rows", "documents"], help="under torchrun: documents = each rank "
+                   "reads and tokenizes only its own documents; rows = every rank reads the whole stream and keeps "
+                   "its slice of each global batch (N ranks train exactly like one process; N times the "
+                   f"tokenizing) (default: {D['data_sharding']})")
     d.add_argument("--val-data", help="held-out data spec (default: the held-out split of --data)")
-    d.add_argument("--val-batches", type=int, default=8, help="batches per validation (0: no validation)")
-    d.add_argument("--seq-len", type=int, default=256, help="tokens per training row")
-    d.add_argument("--batch-size", type=int, default=4, help="rows per micro-batch per process")
-    d.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    d.add_argument("--max-tokens", type=float, default=5e5, help="training budget (steps = it / global batch tokens)")
+    d.add_argument("--val-batches", type=int, help=f"batches per validation, 0: none (default: {D['val_batches']})")
+    d.add_argument("--seq-len", type=int, help=f"tokens per training row (default: {D['seq_len']})")
+    d.add_argument("--batch-size", type=int, help=f"rows per micro-batch per process (default: {D['batch_size']})")
+    d.add_argument("--grad-accum", type=int, help=f"micro-batches per optimizer step (default: {D['grad_accum']})")
+    d.add_argument("--max-tokens", type=float, help="training budget: steps = it / global batch tokens "
+                                                    f"(default: {D['max_tokens']:g})")
     o = p.add_argument_group("optimization")
-    o.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    o.add_argument("--lr", type=float, help=f"peak learning rate (default: {D['lr']:g})")
     o.add_argument("--min-lr", type=float, help="final learning rate of the cosine decay (default lr / 10)")
     o.add_argument("--warmup", type=int, help="linear warmup steps (default 5%% of the steps, at most 2000)")
-    o.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (matrices only)")
-    o.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
-    o.add_argument("--dtype", default="auto",
-                   help="autocast dtype: auto (bf16 on cuda/hpu, fp32 on cpu), float32, bfloat16; weights stay fp32")
-    o.add_argument("--loss", default="fused", choices=list(LOSSES),
-                   help="fused: chunked output layer + cross-entropy (less memory); plain: the textbook version")
-    o.add_argument("--compile", action="store_true", help="torch.compile the model (hpu_backend on Gaudi)")
-    r = p.add_argument_group("run")
-    r.add_argument("--out", help="checkpoint folder (default out/pretrain, out/continued with --init-from, or DIR "
-                                 "of --resume)")
-    r.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR exactly where it stopped")
+    o.add_argument("--weight-decay", type=float,
+                   help=f"AdamW weight decay, matrices only (default: {D['weight_decay']})")
+    o.add_argument("--grad-clip", type=float, help=f"clip the gradient norm, 0: off (default: {D['grad_clip']})")
+    o.add_argument("--dtype", help="autocast dtype: auto (bf16 on cuda/hpu, fp32 on cpu), float32, bfloat16; "
+                                   f"weights stay fp32 (default: {D['dtype']})")
+    o.add_argument("--seed", type=int, help=f"model init and data order (default: {D['seed']})")
+    r = p.add_argument_group("run (these may change on --resume)")
+    r.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the training step (hpu_backend on Gaudi); None: on for cuda and Gaudi's "
+                        "eager mode, off on cpu and mps")
+    r.add_argument("--out", default=None, help="checkpoint folder; None: DIR of --resume, out/continued with "
+                                               "--init-from, else out/pretrain")
+    r.add_argument("--resume", default=None, metavar="DIR", help="continue the run saved in DIR exactly where it "
+                                                                 "stopped (its flags are the checkpoint's)")
     r.add_argument("--eval-every", type=int, default=50, help="validate every N steps (0: only at start and end)")
     r.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: only at the end)")
     r.add_argument("--log-every", type=int, default=10, help="log line every N steps")
-    r.add_argument("--stop-at", type=int, metavar="STEP", help="save and stop after STEP, on the full run's schedule")
+    r.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                   help="save and stop after STEP, on the full run's schedule")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda, mps or hpu")
-    r.add_argument("--seed", type=int, default=0, help="model init and data order")
-    r.add_argument("--json", metavar="PATH", help="write the final numbers as one JSON object")
+    r.add_argument("--json", default=None, metavar="PATH", help="write the final numbers as one JSON object")
     return p
+
+
+def parse_args(argv):
+    """The flags of this run: given, else the resumed checkpoint's, else the defaults. Returns (args, given, meta)."""
+    args = make_parser().parse_args(argv)
+    meta = load_checkpoint(args.resume) if args.resume else {}
+    # extending (or shortening) the budget of a resumed run is allowed; the cosine schedule follows it
+    given = run_args(args, RUN_DEFAULTS, meta.get("args"), may_change=["max_tokens"])
+    return args, given, meta
 
 
 def check_args(args):
@@ -216,9 +233,9 @@ def load_resumed(folder, tok, device):
 
 
 class RankRows:
-    """This rank's rows [rank*B, (rank+1)*B) of a global batch of world*B rows that every rank reads: N processes x B
-    rows train on exactly the rows one process with N*B rows would (equal losses). The price, every rank tokenizing
-    the whole stream, is small next to a training step (data.py packs millions of tokens per second)."""
+    """--data-sharding rows: this rank's rows [rank*B, (rank+1)*B) of a global batch of world*B rows that every rank
+    reads, so N processes x B rows train on exactly the rows one process with N*B rows would (equal losses). The
+    price: every rank tokenizes the whole stream, N times the work of --data-sharding documents."""
 
     def __init__(self, batches, rank, batch_size):
         self.batches, self.lo, self.hi = batches, rank * batch_size, (rank + 1) * batch_size
@@ -303,12 +320,9 @@ def report_run(args, report, draft, world, in_step, tokens_per_step):
 # -----------------------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    args, given = make_parser().parse_args(argv), given_flags(make_parser(), argv)
-    if args.resume and (args.init_from or args.init_from_target):
+    args, given, meta = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.resume and given & {"init_from", "init_from_target"}:
         raise UserError("--resume and --init-from exclude each other (resume continues a run; init-from starts one)")
-    # extending (or shortening) the budget of a resumed run is allowed; the cosine schedule follows it
-    meta = resume_args(args, given, RUN_FLAGS, may_change=["max_tokens"]) if args.resume else {}
     check_args(args)
     if args.init_from_target and "tokenizer" not in given and not args.resume:
         args.tokenizer = args.init_from_target
@@ -316,12 +330,10 @@ def main(argv=None):
         path = os.path.join(args.init_from, "config.json")
         if os.path.isfile(path):
             args.tokenizer = json.load(open(path)).get("fastdraft", {}).get("tokenizer") or args.tokenizer
-    args.out = args.out or ("out/continued" if args.init_from else "out/pretrain")
+    args.out = args.out or args.resume or ("out/continued" if args.init_from else "out/pretrain")
 
     device, dist = setup_distributed(pick_device(args.device))
-    if args.compile and device.type == "hpu" and hpu_lazy():
-        raise UserError("--compile needs Gaudi's eager mode (PT_HPU_LAZY_MODE=0): lazy mode has no torch.compile "
-                        "backend")
+    compile = compile_default(args.compile, device)
     say = dist.say
     dtype = train_dtype(device, args.dtype)
     if not args.resume and os.path.isfile(os.path.join(args.out, "train_state.pt")):
@@ -338,13 +350,13 @@ def main(argv=None):
     draft.train()
     optimizer = configure_optimizer(draft, args.lr, args.weight_decay, device=device)
     batches, val_batches = make_batches(args, tok, dist, device)
-    start_step = restore(args.resume, optimizer, batches, dist) if args.resume else 0
+    start_step = load_checkpoint(args.resume, optimizer, batches, dist)["step"] if args.resume else 0
     tokens_per_step = args.seq_len * args.batch_size * args.grad_accum * dist.world
     max_steps = max(1, int(args.max_tokens) // tokens_per_step)
     cfg = LoopConfig(max_steps=max_steps, lr=args.lr, min_lr=args.min_lr, warmup=args.warmup,
                      grad_accum=args.grad_accum, grad_clip=args.grad_clip, dtype=dtype, eval_every=args.eval_every,
                      save_every=args.save_every, log_every=args.log_every, out=args.out, start_step=start_step,
-                     stop_at=args.stop_at, compile=args.compile, seq_len=args.seq_len)
+                     stop_at=args.stop_at, compile=compile, seq_len=args.seq_len)
     say(f"draft: {draft.num_params() / 1e6:.2f}M parameters ({draft.num_params(non_embedding=True) / 1e6:.2f}M "
         f"without embeddings), vocab {tok.vocab_size} from {tok.spec!r}{f' (head: {head})' if head else ''}, on "
         f"{device}{' (' + str(dtype).replace('torch.', '') + ' autocast)' if dtype else ''}")
@@ -352,7 +364,7 @@ def main(argv=None):
         f"process{'es' if dist.world > 1 else ''} = {tokens_per_step:,} tokens/step; {max_steps} steps for "
         f"{max_steps * tokens_per_step:,} tokens" + (f"; resuming at step {start_step}" if start_step else ""))
 
-    report = train(draft, optimizer, batches, cfg, device=device, loss_fn=LOSSES[args.loss], val_batches=val_batches,
+    report = train(draft, optimizer, batches, cfg, device=device, loss_fn=next_token_loss, val_batches=val_batches,
                    dist=dist, log=say, extra={"args": vars(args), "val_history": meta.get("val_history", [])})
     in_step = replicas_identical(draft, dist.ddp)
     if dist.rank == 0:

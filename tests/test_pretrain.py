@@ -1,5 +1,7 @@
 """pretrain.py over train.py: the loop learns, resumes exactly, survives signals, trains in step under torchrun,
 and writes drafts that transformers loads. Tiny preset, a few steps, a small local corpus; offline on CPU."""
+import argparse
+import contextlib
 import json
 import os
 import re
@@ -10,6 +12,7 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import checkpoint
@@ -60,22 +63,93 @@ def saved_step(folder):
     return json.loads(torch.load(os.path.join(folder, "train_state.pt"), weights_only=True)["meta"])["step"]
 
 
-def test_fused_loss_matches_plain_cross_entropy():
+def test_loss_is_the_mean_next_token_cross_entropy_by_hand():
     draft = tiny_model(vocab_size=300, **SMALL)
     x, y = torch.randint(0, 300, (3, 10)), torch.randint(0, 300, (3, 10))
     y[0, :4] = T.IGNORE  # ignored targets are not scored
-    grads = []
-    for loss_fn in (T.fused_next_token_loss, T.next_token_loss):
-        draft.zero_grad()
-        loss = loss_fn(draft, x, y)
-        (2.0 * loss).backward()   # the incoming gradient is applied
-        grads.append((loss.item(), [p.grad.clone() for p in draft.parameters()]))
-    assert grads[0][0] == pytest.approx(grads[1][0], abs=1e-5)
-    for a, b in zip(grads[0][1], grads[1][1]):
-        assert torch.allclose(a, b, atol=1e-6)
-    h = draft.hidden(x).flatten(0, 1)
-    small_chunks = T.linear_cross_entropy(h, T.output_weight(draft), y.flatten(), chunk_rows=7)
-    assert small_chunks.item() == pytest.approx(grads[1][0], abs=1e-5)
+    logits = draft(x).double()                                                      # (B, T, V)
+    # by hand: -log softmax at the target, averaged over the 26 scored positions
+    logp = logits - logits.exp().sum(-1, keepdim=True).log()
+    scored = [(b, t) for b in range(3) for t in range(10) if y[b, t] != T.IGNORE]
+    want = -sum(logp[b, t, y[b, t]] for b, t in scored) / len(scored)
+    loss = T.next_token_loss(draft, x, y)
+    assert len(scored) == 26 and loss.item() == pytest.approx(want.item(), abs=1e-5)
+    full = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=T.IGNORE)
+    assert loss.item() == pytest.approx(full.item(), abs=1e-5)
+    # under bf16 autocast the matmuls run in bf16, the softmax in float32: close to the float32 loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = T.next_token_loss(draft, x, y)
+    assert low.dtype == torch.float32 and low.item() != loss.item()
+    assert low.item() == pytest.approx(loss.item(), abs=0.02)
+
+
+@contextlib.contextmanager
+def host_syncs():
+    """Record every call that would make the host wait for an accelerator (a value read back, a shape that depends
+    on data) into the yielded list. On the CPU nothing waits, but the same Python calls happen on a GPU."""
+    calls, real, patch = [], {}, pytest.MonkeyPatch()
+    for owner, names in ((torch.Tensor, ["item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__float__",
+                                         "__int__", "__index__", "__getitem__"]), (torch, ["tensor", "nonzero"])):
+        for name in names:
+            real[owner, name] = fn = getattr(owner, name)
+
+            def counted(*args, _name=name, _fn=fn, **kw):
+                boolean_index = _name == "__getitem__" and isinstance(args[1], torch.Tensor) and \
+                    args[1].dtype == torch.bool                     # x[mask]: a data-dependent shape
+                if _name != "__getitem__" or boolean_index:
+                    calls.append(_name)
+                return _fn(*args, **kw)
+            patch.setattr(owner, name, counted)
+    try:
+        yield calls
+    finally:
+        patch.undo()
+
+
+@pytest.mark.parametrize("trimmed", [False, True])
+def test_a_step_that_does_not_log_never_waits_for_the_device(trimmed):
+    draft = tiny_model(vocab_size=300, **SMALL).train()
+    if trimmed:
+        draft.trim_head(list(range(0, 300, 2)))
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randint(0, 300, (2, 8), generator=g), torch.randint(0, 300, (2, 8), generator=g)) for _ in range(8)]
+    marks = []   # the number of host syncs so far, each time the loop takes a micro-batch
+
+    def batches():
+        for batch in data:
+            marks.append(len(calls))
+            yield batch
+    opt = T.configure_optimizer(draft, 1e-3, 0.1)
+    cfg = T.LoopConfig(max_steps=4, lr=1e-3, grad_accum=2, log_every=100)   # logs after steps 1 and 4 only
+    with host_syncs() as calls:
+        report = T.train(draft, opt, batches(), cfg, device=torch.device("cpu"), loss_fn=T.next_token_loss,
+                         log=lambda *a: None)
+    assert len(report["losses"]) == 4 and len(marks) == 8
+    # micro-batches 2..5 are steps 2 and 3, which log nothing: from the first of them to step 4's first, no sync
+    assert calls[marks[2]:marks[6]] == []
+    assert "tolist" in calls[marks[6]:]   # the logging step reads the losses: the counter sees it
+
+
+@pytest.mark.parametrize("name, tflops", [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756),
+                                           ("NVIDIA H100 NVL", 835), ("NVIDIA A100-SXM4-80GB", 312),
+                                           ("NVIDIA L4", 121), ("NVIDIA L40S", 362), ("GAUDI2", 432),
+                                           ("GAUDI3", 1835), ("", None), ("Apple M2", None)])
+def test_mfu_knows_each_devices_peak(name, tflops):
+    peak = T.peak_flops(name)
+    assert (peak is None) if tflops is None else peak == tflops * 1e12
+
+
+def test_resume_rule_checkpoint_then_given_then_default(capsys):
+    defaults = {"lr": 1.0, "seq_len": 8, "max_tokens": 100, "new_flag": "x"}
+    args = argparse.Namespace(lr=2.0, max_tokens=300)            # given on the command line (SUPPRESS: no others)
+    given = common.run_args(args, defaults, {"lr": 3.0, "seq_len": 16, "max_tokens": 200}, may_change=["max_tokens"])
+    assert given == {"lr", "max_tokens"}
+    # lr: the checkpoint's, with a note; seq_len: the checkpoint's; max_tokens may change; new_flag: the default
+    assert vars(args) == {"lr": 3.0, "seq_len": 16, "max_tokens": 300, "new_flag": "x"}
+    assert "--lr is taken from the checkpoint" in capsys.readouterr().out
+    fresh = argparse.Namespace(lr=2.0)
+    common.run_args(fresh, defaults)
+    assert vars(fresh) == {"lr": 2.0, "seq_len": 8, "max_tokens": 100, "new_flag": "x"}
 
 
 def test_lr_schedule_warms_up_then_decays_to_min():
@@ -173,7 +247,7 @@ def test_torchrun_ranks_stay_in_step_and_match_one_process(corpus, tmp_path):
     steps = 4
     common = ["--preset", "tiny", "--data", corpus, "--seq-len", str(SEQ), "--max-tokens",
               str(steps * 2 * TOKENS_PER_STEP), "--device", "cpu", "--lr", "1e-2", "--warmup", "1",
-              "--val-batches", "0", "--log-every", "1"]
+              "--val-batches", "0", "--log-every", "1", "--data-sharding", "rows"]
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "pretrain.py", *common, "--batch-size", str(BATCH), "--out", str(tmp_path / "ddp"),
                           "--json", str(tmp_path / "ddp.json")],
@@ -233,9 +307,17 @@ def test_bad_input_is_one_line_user_error(argv, message, tmp_path):
 
 def test_compile_in_gaudi_lazy_mode_is_one_clear_line(monkeypatch, tmp_path):
     monkeypatch.setattr(P, "pick_device", lambda name: torch.device("hpu"))
-    monkeypatch.setattr(P, "hpu_lazy", lambda: True)
+    monkeypatch.setattr(T, "hpu_lazy", lambda: True)
     with pytest.raises(common.UserError, match="eager mode"):
         P.main(["--compile", "--out", str(tmp_path / "x")])
+
+
+@pytest.mark.parametrize("device, lazy, flag, want", [
+    ("cuda", False, None, True), ("cpu", False, None, False), ("mps", False, None, False), ("hpu", False, None, True),
+    ("hpu", True, None, False), ("cuda", False, False, False), ("cpu", False, True, True)])
+def test_compile_is_on_by_default_where_it_pays(monkeypatch, device, lazy, flag, want):
+    monkeypatch.setattr(T, "hpu_lazy", lambda: lazy)
+    assert T.compile_default(flag, torch.device(device)) is want
 
 
 def test_corrupt_checkpoint_is_a_user_error(tmp_path):
@@ -273,14 +355,14 @@ def test_loss_over_a_trimmed_head_is_the_cross_entropy_over_its_subset(tied):
     logp = torch.log_softmax(full(x)[..., trimmed.head_ids], dim=-1)                    # (B, T, K)
     inside = (y >= 1) & (y <= 100)
     want = -logp[inside].gather(1, (100 - y[inside])[:, None]).mean()                   # position of id i: 100 - i
-    grads = []
-    for loss_fn in (T.next_token_loss, T.fused_next_token_loss):
-        trimmed.zero_grad()
-        loss = loss_fn(trimmed, x, y)
-        loss.backward()
-        assert loss.item() == pytest.approx(want.item(), abs=1e-5)
-        grads.append([p.grad.clone() for p in trimmed.parameters()])
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+    loss = T.next_token_loss(trimmed, x, y)
+    assert loss.item() == pytest.approx(want.item(), abs=1e-5)
+    # and it is F.cross_entropy over the trimmed head's full logits, targets mapped to their positions in it
+    pos = torch.where(inside, 100 - y, T.IGNORE)
+    assert loss.item() == pytest.approx(F.cross_entropy(trimmed(x).flatten(0, 1), pos.flatten()).item(), abs=1e-6)
+    # gradients reach the subset's rows of the embedding (tied) or the head (untied)
+    loss.backward()
+    assert all(p.grad is not None for p in trimmed.parameters())
 
 
 def write_completions(folder, completions):
@@ -332,7 +414,7 @@ def test_init_from_target_layers_copies_them_exactly(corpus, smollm2_tok, tmp_pa
     checkpoint.save_model(target, str(tmp_path / "target"))
     target = checkpoint.load_model(str(tmp_path / "target"))
     args = flags(corpus, tmp_path / "out", 1, "--init-from-target", str(tmp_path / "target"), "--target-layers", "2,0")
-    draft = P.build_draft(P.make_parser().parse_args(args[2:]), smollm2_tok, set(), "cpu")
+    draft = P.build_draft(P.parse_args(args[2:])[0], smollm2_tok, set(), "cpu")
     assert draft.config.n_layers == 2 and draft.config.dim == 32
     want = {"embed_tokens.weight": target.embed_tokens.weight, "norm.weight": target.norm.weight,
             **{f"layers.{i}.{k}": v for i, j in enumerate([2, 0]) for k, v in target.layers[j].state_dict().items()}}
