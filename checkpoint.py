@@ -572,7 +572,7 @@ def save_gguf(model, path, tokenizer_fields, gguf_type="f16", name="fastdraft"):
 
 def load_hf(spec, dtype):
     """A spec (HF folder, our saved draft folder, .gguf, smollm2) as a transformers model running HF's own code:
-    the peer bench.py --peer hf compares with. A trimmed draft loads with its full head there (save_model)."""
+    the peer bench.py --peer hf compares with. A trimmed draft runs its exported full head (full_head)."""
     try:
         import transformers
     except ImportError:
@@ -589,6 +589,11 @@ def load_hf(spec, dtype):
         # and transformers runs it with its own code; the weights are the same numbers either way
         with tempfile.TemporaryDirectory() as tmp:
             save_model(load_model(path, dtype=dtype), os.path.join(tmp, "hf"))
+            m = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(tmp, "hf"), dtype=dtype)
+    elif (Path(path) / HEAD_VOCAB).is_file():  # a trimmed draft runs with the full head export.py writes
+        with tempfile.TemporaryDirectory() as tmp:
+            model = load_model(path, dtype=dtype)
+            save_model(full_head(model, read_head_fill(path)), os.path.join(tmp, "hf"))
             m = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(tmp, "hf"), dtype=dtype)
     else:  # HF folders, and ours: they are written in the LlamaForCausalLM layout on purpose
         m = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)

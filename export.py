@@ -58,9 +58,12 @@ def fit_sequences(spec, tok, vocab_size, n_tokens, seq_len=256):
             ids = next(s, None)
             if ids is None:
                 streams.remove(s)
-            elif len(ids) >= 8:
-                out.append(ids[:seq_len])
-                total += len(out[-1])
+                continue
+            pieces = [ids[i:i + seq_len] for i in range(0, len(ids), seq_len)]
+            out += [p for p in pieces if len(p) >= 8]
+            total += sum(len(p) for p in pieces)
+    if len(out) < 2:  # one to fit on, one to judge
+        raise UserError(f"--fit-data {spec}: too little text to fit the head on ({total} tokens)")
     return out
 
 
