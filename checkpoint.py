@@ -516,19 +516,13 @@ def save_gguf(model, path, tokenizer_fields, gguf_type="f16", name="fastdraft"):
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     w = gguf.GGUFWriter(str(tmp), "llama")
-    w.add_name(name)
-    w.add_context_length(c.max_seq_len)
-    w.add_embedding_length(c.dim)
-    w.add_block_count(c.n_layers)
-    w.add_feed_forward_length(c.ffn_dim)
-    w.add_head_count(c.n_heads)
-    w.add_head_count_kv(c.n_kv_heads)
-    w.add_key_length(c.head_dim)
-    w.add_value_length(c.head_dim)
-    w.add_rope_dimension_count(c.head_dim)
-    w.add_rope_freq_base(c.rope_theta)
-    w.add_layer_norm_rms_eps(c.norm_eps)
-    w.add_vocab_size(c.vocab_size)
+    for add, value in ((w.add_name, name), (w.add_context_length, c.max_seq_len), (w.add_embedding_length, c.dim),
+                       (w.add_block_count, c.n_layers), (w.add_feed_forward_length, c.ffn_dim),
+                       (w.add_head_count, c.n_heads), (w.add_head_count_kv, c.n_kv_heads),
+                       (w.add_key_length, c.head_dim), (w.add_value_length, c.head_dim),
+                       (w.add_rope_dimension_count, c.head_dim), (w.add_rope_freq_base, c.rope_theta),
+                       (w.add_layer_norm_rms_eps, c.norm_eps), (w.add_vocab_size, c.vocab_size)):
+        add(value)
     w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                      "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type])
     scaling = c.rope_scaling or {}
