@@ -228,10 +228,11 @@ def hf_assisted(hf_target, hf_draft, ids, args, gamma, threshold, temperature, s
 # against llama.cpp alone, on the same prompts (as text: llama.cpp tokenizes them again), greedy
 
 def llama_cpp_binaries(where):
-    """(llama-speculative, llama-completion) from --llama-cpp (a folder or one of them) or PATH; None if absent."""
+    """(llama-speculative-simple, llama-completion) from --llama-cpp (a folder or one of them) or PATH; None if
+    absent. Not llama-speculative: that demo always drafts gamma tokens, it has no draft threshold."""
     folder = os.path.dirname(where) if where and os.path.isfile(where) else where
     found = [shutil.which(name, path=folder) if folder else shutil.which(name)
-             for name in ("llama-speculative", "llama-completion")]
+             for name in ("llama-speculative-simple", "llama-completion")]
     return tuple(found) if all(found) else None
 
 
@@ -252,14 +253,15 @@ def llama_cpp_models(target_spec, draft_spec, folder):
     return out
 
 
-def run_llama_cpp(binary, models, text, args, gamma=None):
+def run_llama_cpp(binary, models, text, args, gamma=None, threshold=0.0):
     """One greedy generation -> {new_tokens, seconds (decoding only), drafted, accepted}; a failure is a UserError."""
     cmd = [binary, "-m", models[0], "-p", text, "-n", str(args.max_new_tokens), "--temp", "0", "-c", "2048",
            "-t", str(torch.get_num_threads())]
     if gamma is None:
         cmd += ["-no-cnv", "--no-display-prompt"]
     else:
-        cmd += ["-md", models[1], "--spec-draft-n-max", str(gamma)]
+        cmd += ["-md", models[1], "--spec-type", "draft-simple", "--spec-draft-n-max", str(gamma),
+                "--spec-draft-p-min", str(threshold)]  # its p is over the draft's top 10 tokens, renormalized
     run = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     log = run.stderr + run.stdout
 
@@ -278,20 +280,19 @@ def run_llama_cpp(binary, models, text, args, gamma=None):
 
 
 def llama_cpp_peer(binaries, models, prompts, tok, args):
-    """Per task x gamma: llama.cpp alone and with the draft, interleaved prompt by prompt -> rows with
-    acceptance and tokens/s of both, and the speedup. llama-speculative always drafts gamma tokens (it has no
-    draft threshold: it ignores --spec-draft-p-min), so it compares with our P = 0."""
+    """Per task x gamma x draft threshold: llama.cpp alone and with the draft, interleaved prompt by prompt ->
+    rows with acceptance and tokens/s of both, and the speedup."""
     rows = []
-    for (task, task_ids), gamma in itertools.product(prompts.items(), args.gamma):
+    for (task, task_ids), gamma, threshold in itertools.product(prompts.items(), args.gamma, args.draft_threshold):
         plain, spec = [], []
         for ids in task_ids:
             text = tok.decode(ids)
             plain.append(run_llama_cpp(binaries[1], models, text, args))
-            spec.append(run_llama_cpp(binaries[0], models, text, args, gamma))
+            spec.append(run_llama_cpp(binaries[0], models, text, args, gamma, threshold))
         tot = {k: sum(r[k] for r in spec) for k in spec[0]}
         plain_tps = ratio(sum(r["new_tokens"] for r in plain), sum(r["seconds"] for r in plain))
         tps = ratio(tot["new_tokens"], tot["seconds"])
-        rows.append({"task": task, "gamma": gamma, "draft_threshold": 0.0, "n_prompts": len(task_ids),
+        rows.append({"task": task, "gamma": gamma, "draft_threshold": threshold, "n_prompts": len(task_ids),
                      "acceptance_rate": ratio(tot["accepted"], tot["drafted"]), "drafted": tot["drafted"],
                      "accepted": tot["accepted"], "tokens_per_second_plain": plain_tps,
                      "tokens_per_second": tps, "speedup": ratio(tps, plain_tps)})
@@ -642,10 +643,9 @@ def main(argv=None):
 def llama_cpp_report(args, stage_specs, prompts, tok, rows):
     """Run and print the llama.cpp peer for the first draft; one line and None where llama.cpp is missing."""
     binaries = llama_cpp_binaries(args.llama_cpp)
-    if binaries is None or 0.0 not in args.temperature or 0.0 not in args.draft_threshold:
-        print("llama.cpp peer skipped: " + ("no llama-speculative / llama-completion (--llama-cpp DIR)"
-                                            if binaries is None else "it drafts greedily and always gamma tokens: "
-                                            "add 0 to --temperature and --draft-threshold"))
+    if binaries is None or 0.0 not in args.temperature:
+        print("llama.cpp peer skipped: " + ("no llama-speculative-simple / llama-completion (--llama-cpp DIR)"
+                                            if binaries is None else "it runs greedy: add 0 to --temperature"))
         return None
     with tempfile.TemporaryDirectory() as folder:
         models = llama_cpp_models(args.target, stage_specs[0][1], folder)
