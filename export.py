@@ -1,24 +1,26 @@
 """
-Export a draft (or any model we load) to the runtimes people deploy with: a llama.cpp GGUF carrying the target's
-tokenizer metadata, and a Hugging Face Llama folder that transformers and vLLM load as an independent draft.
+Export a draft (or any model we load) where people deploy models: a llama.cpp GGUF carrying the
+target's tokenizer metadata, and a Hugging Face Llama folder that transformers and vLLM load as an
+independent draft.
 
-The one real question is a trimmed head (VocabTrim / FR-Spec: the draft predicts K of V tokens). Runtimes know
-only full-vocabulary Llama heads, and a plain llama GGUF has no output bias, so the V - K rows the draft never
-trained must be written as something. Tied to the embedding (the draft as trained) they hold most of the softmax
-mass and win the argmax; zeroed they keep the argmax but still hold about half the mass (41k logits at 0). We
-export an untied head whose K subset rows are the trained ones (the subset logits are ours, bit for bit) and
-whose other rows are one fitted row w minimising the mass outside the subset over the draft's own final hidden
-states h, with the body frozen:
+The real question is a trimmed head (VocabTrim / FR-Spec: the draft predicts K of V tokens).
+Runtimes know only full-vocabulary Llama heads, and a llama GGUF has no output bias, so the V - K
+rows the draft never trained must be written as something. Tied to the embedding (the draft as
+trained) they hold most of the softmax mass and often win the argmax; zeroed they keep the argmax
+but still hold ~60% of the mass (41k logits at 0), which a runtime that samples its drafts, or stops
+drafting below a confidence, pays for. We export an untied head whose K subset rows are the trained
+ones (the subset logits are ours, bit for bit) and whose other rows are one row w fitted, body
+frozen, on the draft's own final hidden states h to minimise the mass outside the subset:
     loss = mean over positions of logsumexp(all logits) - logsumexp(subset logits)
          = mean log(1 + (V - K) exp(h.w) / sum_subset exp(logit)).
-Fitting every outside row separately gains nothing: the loss is convex in the rows and symmetric under
-swapping them, so a common row is optimal; one (dim,) vector fits in seconds and stores in a few kB.
-If the hidden states lie on one side of a hyperplane (they do for our drafts), the mass goes to ~0: the
-exported draft then proposes what the trimmed one proposes, greedy or sampled.
+Fitting each outside row on its own gains nothing: the loss is convex in the rows and symmetric
+under swapping them, so a common row is optimal; one (dim,) vector fits in seconds, stored in 6 kB.
+Where the hidden states lie on one side of a hyperplane (ours do) the mass goes to ~0, and the
+exported draft proposes what the trimmed one proposes, greedy or sampled.
 
-  python export.py --draft drafts/smollm2-135m --out out/export             # draft.gguf + draft-hf/
-  python export.py --model smollm2 --gguf-type f16 --out out/export         # the target as F16: model.gguf
-  python export.py --draft DIR --fit-data out/align1,out/align2 --keep-fill  # refit on the alignment data
+  python export.py --draft drafts/smollm2-135m --out out/export       # draft.gguf + draft-hf/
+  python export.py --model smollm2 --formats gguf --out out/export    # the target in F16: model.gguf
+  python export.py --draft DIR --fit-data ALIGN1,ALIGN2 --keep-fill   # refit on the alignment data
 """
 import argparse
 import json
