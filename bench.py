@@ -224,12 +224,12 @@ def hf_assisted(hf_target, hf_draft, ids, args, gamma, threshold, temperature, s
 
 
 # -----------------------------------------------------------------------------
-# llama.cpp, the CPU runtime people serve with (--peer llama.cpp): its speculative decoding with our draft,
-# against llama.cpp alone, on the same prompts (as text: llama.cpp tokenizes them again), greedy
+# llama.cpp, the CPU runtime people serve with (--peer llama.cpp): its speculative decoding with our
+# draft, against llama.cpp alone, on the same prompts (as text: llama.cpp tokenizes them again), greedy
 
 def llama_cpp_binaries(where):
-    """(llama-speculative-simple, llama-completion) from --llama-cpp (a folder or one of them) or PATH; None if
-    absent. Not llama-speculative: that demo always drafts gamma tokens, it has no draft threshold."""
+    """(llama-speculative-simple, llama-completion) from --llama-cpp (a folder or one of them) or PATH;
+    None if absent. Not llama-speculative: that demo always drafts gamma tokens (no threshold)."""
     folder = os.path.dirname(where) if where and os.path.isfile(where) else where
     found = [shutil.which(name, path=folder) if folder else shutil.which(name)
              for name in ("llama-speculative-simple", "llama-completion")]
@@ -237,8 +237,8 @@ def llama_cpp_binaries(where):
 
 
 def llama_cpp_models(target_spec, draft_spec, folder):
-    """The pair as F16 GGUFs in folder (llama.cpp segfaults on SmolLM2's packaged Q4_1): the draft with the full
-    head export.py writes, both with the target's tokenizer metadata; None where the target has no GGUF."""
+    """The pair as F16 GGUFs in folder (llama.cpp crashes on SmolLM2's packaged Q4_1): the draft with
+    export.py's full head, both with the target's tokenizer metadata; None if the target has no GGUF."""
     path = checkpoint.resolve_spec(target_spec)
     ggufs = [path] if path.endswith(".gguf") else sorted(glob.glob(os.path.join(path, "*.gguf")))
     if not ggufs:
@@ -248,15 +248,15 @@ def llama_cpp_models(target_spec, draft_spec, folder):
     for name, spec in (("target", target_spec), ("draft", draft_spec)):
         m = checkpoint.load_model(spec)
         fill = checkpoint.read_head_fill(spec) if os.path.isdir(spec) else None
-        checkpoint.save_gguf(checkpoint.full_head(m, fill), os.path.join(folder, name + ".gguf"), fields, "f16")
         out.append(os.path.join(folder, name + ".gguf"))
+        checkpoint.save_gguf(checkpoint.full_head(m, fill), out[-1], fields, "f16")
     return out
 
 
 def run_llama_cpp(binary, models, text, args, gamma=None, threshold=0.0):
-    """One greedy generation -> {new_tokens, seconds (decoding only), drafted, accepted}; a failure is a UserError."""
-    cmd = [binary, "-m", models[0], "-p", text, "-n", str(args.max_new_tokens), "--temp", "0", "-c", "2048",
-           "-t", str(torch.get_num_threads())]
+    """One greedy generation -> {new_tokens, seconds (decoding only), drafted, accepted}."""
+    cmd = [binary, "-m", models[0], "-p", text, "-n", str(args.max_new_tokens), "--temp", "0",
+           "-c", "2048", "-t", str(torch.get_num_threads())]
     if gamma is None:
         cmd += ["-no-cnv", "--no-display-prompt"]
     else:
@@ -268,11 +268,13 @@ def run_llama_cpp(binary, models, text, args, gamma=None, threshold=0.0):
     def number(pattern):
         found = re.search(pattern, log)
         return float(found.group(1)) if found else None
-    if gamma is None:  # the first new token comes out of the prompt's forward: "N runs" are the others
-        ms, runs = number(r"(?<!prompt) eval time =\s*([\d.]+) ms"), number(r"(?<!prompt) eval time =.*?/\s*(\d+) runs")
-        rec = {"new_tokens": runs, "seconds": None if ms is None else ms / 1000}
+    if gamma is None:  # the first new token comes out of the prompt's forward: "N runs" are the rest
+        ms = number(r"(?<!prompt) eval time =\s*([\d.]+) ms")
+        rec = {"new_tokens": number(r"(?<!prompt) eval time =.*?/\s*(\d+) runs"),
+               "seconds": None if ms is None else ms / 1000}
     else:
-        rec = {"new_tokens": number(r"decoded\s+(\d+) tokens"), "seconds": number(r"decoded.*? in\s+([\d.]+) sec"),
+        rec = {"new_tokens": number(r"decoded\s+(\d+) tokens"),
+               "seconds": number(r"decoded.*? in\s+([\d.]+) sec"),
                "drafted": number(r"n_drafted\s*=\s*(\d+)"), "accepted": number(r"n_accept\s*=\s*(\d+)")}
     if run.returncode != 0 or None in rec.values():
         raise UserError(f"{os.path.basename(binary)} failed (exit {run.returncode}): {log.strip()[-200:]}")
