@@ -25,6 +25,7 @@ exported draft proposes what the trimmed one proposes, greedy or sampled.
 import argparse
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -124,6 +125,9 @@ def repaired_head(model, args, tok, folder):
     """(full-head model, report): the fill row stored beside the draft, or one fitted now on --fit-data; the
     report compares the tied, zero-filled and fitted heads on every 10th fit sequence, held out."""
     stored = checkpoint.read_head_fill(folder) if folder and args.fit_data is None else None
+    if stored is None and args.fit_data is None and folder and (Path(folder) / checkpoint.HEAD_FILL).is_file():
+        print(f"note: {checkpoint.HEAD_FILL} was fitted for other weights; refitting on {FIT_DATA} (pass "
+              f"--fit-data ALIGN_DIR,... --keep-fill to fit on the text the draft serves)", file=sys.stderr)
     seqs = fit_sequences(args.fit_data or FIT_DATA, tok, model.config.vocab_size, args.fit_tokens)
     held_out, fit_on = seqs[::10], [s for i, s in enumerate(seqs) if i % 10]
     dtype = model.embed_tokens.weight.dtype
