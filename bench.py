@@ -24,6 +24,7 @@ summarize also take any data spec of data.py (e.g. text=fineweb).
 """
 import argparse
 import datetime
+import glob
 import gzip
 import importlib.metadata
 import importlib.util
@@ -31,8 +32,12 @@ import itertools
 import json
 import os
 import platform
+import re
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -223,6 +228,96 @@ def hf_assisted(hf_target, hf_draft, ids, args, gamma, threshold, temperature, s
         min_new_tokens=0, eos_token_id=sorted(stop_ids), pad_token_id=sorted(stop_ids)[0],
         num_assistant_tokens=gamma, num_assistant_tokens_schedule="constant", **sampling), device)
     return out.shape[1] - x.shape[1], seconds
+
+
+# -----------------------------------------------------------------------------
+# llama.cpp, the CPU runtime people serve with (--peer llama.cpp): its speculative decoding with our
+# draft, against llama.cpp alone, on the same prompts (as text: llama.cpp tokenizes them again), greedy
+
+def llama_cpp_binaries(where):
+    """(llama-speculative-simple, llama-completion) from --llama-cpp (a folder or one of them) or PATH;
+    None if absent. Not llama-speculative: that demo always drafts gamma tokens (no threshold)."""
+    folder = os.path.dirname(where) if where and os.path.isfile(where) else where
+    found = [shutil.which(name, path=folder) if folder else shutil.which(name)
+             for name in ("llama-speculative-simple", "llama-completion")]
+    return tuple(found) if all(found) else None
+
+
+def llama_cpp_models(target_spec, draft_spec, folder):
+    """The pair as F16 GGUFs in folder (llama.cpp crashes on SmolLM2's packaged Q4_1): the draft with
+    export.py's full head, both with the target's tokenizer metadata; None if the target has no GGUF."""
+    path = checkpoint.resolve_spec(target_spec)
+    ggufs = [path] if path.endswith(".gguf") else sorted(glob.glob(os.path.join(path, "*.gguf")))
+    if not ggufs:
+        return None
+    fields = checkpoint.gguf_tokenizer_fields(ggufs[0])
+    out = []
+    for name, spec in (("target", target_spec), ("draft", draft_spec)):
+        m = checkpoint.load_model(spec)
+        fill = checkpoint.read_head_fill(spec) if os.path.isdir(spec) else None
+        out.append(os.path.join(folder, name + ".gguf"))
+        checkpoint.save_gguf(checkpoint.full_head(m, fill), out[-1], fields, "f16")
+    return out
+
+
+def run_llama_cpp(binary, models, text, args, gamma=None, threshold=0.0):
+    """One greedy generation -> {new_tokens, seconds (decoding only), drafted, accepted}."""
+    cmd = [binary, "-m", models[0], "-p", text, "-n", str(args.max_new_tokens), "--temp", "0",
+           "-c", "2048", "-t", str(torch.get_num_threads())]
+    if gamma is None:
+        cmd += ["-no-cnv", "--no-display-prompt"]
+    else:
+        cmd += ["-md", models[1], "--spec-type", "draft-simple", "--spec-draft-n-max", str(gamma),
+                "--spec-draft-p-min", str(threshold)]  # its p is over the draft's top 10 tokens, renormalized
+    run = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    log = run.stderr + run.stdout
+
+    def number(pattern):
+        found = re.search(pattern, log)
+        return float(found.group(1)) if found else None
+    if gamma is None:  # the first new token comes out of the prompt's forward: "N runs" are the rest
+        ms = number(r"(?<!prompt) eval time =\s*([\d.]+) ms")
+        rec = {"new_tokens": number(r"(?<!prompt) eval time =.*?/\s*(\d+) runs"),
+               "seconds": None if ms is None else ms / 1000}
+    else:
+        rec = {"new_tokens": number(r"decoded\s+(\d+) tokens"),
+               "seconds": number(r"decoded.*? in\s+([\d.]+) sec"),
+               "drafted": number(r"n_drafted\s*=\s*(\d+)"), "accepted": number(r"n_accept\s*=\s*(\d+)")}
+    if run.returncode != 0 or None in rec.values():
+        raise UserError(f"{os.path.basename(binary)} failed (exit {run.returncode}): {log.strip()[-200:]}")
+    return rec
+
+
+def llama_cpp_peer(binaries, models, prompts, tok, args):
+    """Per task x gamma x draft threshold: llama.cpp alone and with the draft, interleaved prompt by prompt ->
+    rows with acceptance and tokens/s of both, and the speedup."""
+    rows = []
+    for (task, task_ids), gamma, threshold in itertools.product(prompts.items(), args.gamma, args.draft_threshold):
+        plain, spec = [], []
+        for ids in task_ids:
+            text = tok.decode(ids)
+            plain.append(run_llama_cpp(binaries[1], models, text, args))
+            spec.append(run_llama_cpp(binaries[0], models, text, args, gamma, threshold))
+        tot = {k: sum(r[k] for r in spec) for k in spec[0]}
+        plain_tps = ratio(sum(r["new_tokens"] for r in plain), sum(r["seconds"] for r in plain))
+        tps = ratio(tot["new_tokens"], tot["seconds"])
+        rows.append({"task": task, "gamma": gamma, "draft_threshold": threshold, "n_prompts": len(task_ids),
+                     "acceptance_rate": ratio(tot["accepted"], tot["drafted"]), "drafted": tot["drafted"],
+                     "accepted": tot["accepted"], "tokens_per_second_plain": plain_tps,
+                     "tokens_per_second": tps, "speedup": ratio(tps, plain_tps)})
+    return rows
+
+
+def llama_cpp_table(rows, ours):
+    """llama.cpp rows beside our loop's greedy acceptance on the same prompts (ours[(task, gamma, P)])."""
+    lines = ["| task | gamma | P | alpha llama.cpp | alpha ours | tok/s llama.cpp | tok/s llama.cpp + draft "
+             "| speedup |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        key = (r["task"], r["gamma"], r["draft_threshold"])
+        lines.append(f"| {r['task']} | {r['gamma']} | {r['draft_threshold']} | {fmt(r['acceptance_rate'])} | "
+                     f"{fmt(ours.get(key))} | {fmt(r['tokens_per_second_plain'], 1)} | "
+                     f"{fmt(r['tokens_per_second'], 1)} | {fmt(r['speedup'], 2)}x |")
+    return "\n".join(lines)
 
 
 # -----------------------------------------------------------------------------
@@ -457,7 +552,9 @@ def main(argv=None):
                    "each job in the dtype measured fastest for it; else float32)|float32|bfloat16|float16")
     p.add_argument("--compile", action="store_true", help="torch.compile every model's layers (slow first steps)")
     p.add_argument("--seed", type=int, default=0, help="prompt i is sampled with seed + i, same for both sides")
-    p.add_argument("--peer", default=None, choices=["hf"], help="also time transformers' assisted generation")
+    p.add_argument("--peer", default=None, choices=["hf", "llama.cpp"], help="also time transformers' assisted "
+                   "generation, or llama.cpp with the draft against llama.cpp alone (greedy only)")
+    p.add_argument("--llama-cpp", default=None, metavar="DIR", help="llama.cpp's build/bin (default: PATH)")
     p.add_argument("--json", default=None, help="write every number, the settings and the environment here")
     p.add_argument("--plot", default=None, help="write acceptance and speedup against gamma here (PNG; matplotlib)")
     args = p.parse_args(argv)
@@ -471,7 +568,7 @@ def main(argv=None):
     if args.limit < 1 or args.max_new_tokens < 1:
         raise UserError("--limit and --max-new-tokens must be >= 1")
     for flag, package in (("plot", "matplotlib"), ("peer", "transformers")):
-        if getattr(args, flag) and importlib.util.find_spec(package) is None:
+        if getattr(args, flag) and args.peer != "llama.cpp" and importlib.util.find_spec(package) is None:
             raise UserError(f"--{flag} needs {package}: pip install {package}")
     started = datetime.datetime.now(datetime.timezone.utc)
     device = common.pick_device(args.device)
@@ -517,7 +614,7 @@ def main(argv=None):
     truncated = sum(len(x) > room for ids in prompts.values() for x in ids)
     prompts = {task: [x[-room:] for x in ids] for task, ids in prompts.items()}  # the end: where the text goes on
     peer = None
-    if args.peer:
+    if args.peer == "hf":
         hf_target = checkpoint.load_hf(args.target, dtype).to(device)
         peer = {name: (hf_target, checkpoint.load_hf(spec, dtype).to(device)) for name, spec in stage_specs}
 
@@ -541,6 +638,7 @@ def main(argv=None):
     rows = summarize(baselines, runs, ratios, timings)
     tables, paper = paper_tables(rows, [n for n, _ in stage_specs], list(prompts))
     print(markdown_table(rows) + "\n\n" + tables)
+    llama_rows = llama_cpp_report(args, stage_specs, prompts, tok, rows) if args.peer == "llama.cpp" else None
     if args.json:
         settings = dict(vars(args), tasks={t: s or "builtin" for t, s in tasks.items()}, stages=dict(stage_specs),
                         truncated_prompts=truncated, dtype=str(dtype).removeprefix("torch."),
@@ -552,9 +650,28 @@ def main(argv=None):
             "tasks": {t: {"source": tasks[t] or "builtin", "n_prompts": len(x),
                           "prompt_tokens": [len(i) for i in x]} for t, x in prompts.items()},
             "baselines": [{"task": t, "temperature": T, "per_prompt": b} for (t, T), b in baselines.items()],
-            "results": rows, "acceptance_table": paper})
+            "results": rows, "acceptance_table": paper, "peer_llama_cpp": llama_rows})
     if args.plot:
         plot(rows, args.plot)
+
+
+def llama_cpp_report(args, stage_specs, prompts, tok, rows):
+    """Run and print the llama.cpp peer for the first draft; one line and None where llama.cpp is missing."""
+    binaries = llama_cpp_binaries(args.llama_cpp)
+    if binaries is None or 0.0 not in args.temperature:
+        print("llama.cpp peer skipped: " + ("no llama-speculative-simple / llama-completion (--llama-cpp DIR)"
+                                            if binaries is None else "it runs greedy: add 0 to --temperature"))
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        models = llama_cpp_models(args.target, stage_specs[0][1], folder)
+        if models is None:
+            print("llama.cpp peer skipped: the target has no GGUF to take the tokenizer from (export.py --target)")
+            return None
+        out = llama_cpp_peer(binaries, models, prompts, tok, args)
+    ours = {(r["task"], r["gamma"], r["draft_threshold"]): r["acceptance_rate"] for r in rows
+            if r["stage"] == stage_specs[0][0] and r["temperature"] == 0.0}
+    print("\nllama.cpp (greedy), same prompts\n\n" + llama_cpp_table(out, ours))
+    return out
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ llama.cpp GGUF files (the one GGUF reader of the project, also used for GGUF tok
 saving a draft in the Hugging Face Llama layout so `transformers` loads it as is.
 """
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -21,6 +22,7 @@ from model import LLAMA3_ROPE, ModelConfig, Transformer, rope_frequencies
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Phi3ForCausalLM")
 HEAD_VOCAB = "head_vocab.json"  # a trimmed head's token ids, beside config.json (like EAGLE-3's d2t map)
+HEAD_FILL = "head_fill.json"  # the row its other tokens get when exported with a full head (export.py)
 # Drafts this project trained and ships (each folder has a README card: how it was made, its bench table).
 SHIPPED_DRAFTS = {"smollm2": Path(__file__).resolve().parent / "drafts" / "smollm2-135m"}
 
@@ -294,29 +296,42 @@ def _read_gguf(path):
 
 
 def gguf_metadata(path, keys):
-    """{key: value} for those of `keys` in a GGUF file's metadata (e.g. its tokenizer), tensors not touched.
-    Walks the key/value section with the gguf package's value types; GGUFReader itself builds a numpy view per
-    string, which takes seconds for a 49k-token vocabulary where this takes a few hundredths of one."""
+    """{key: value} for those of `keys` in a GGUF file's metadata (e.g. its tokenizer), tensors not touched."""
+    keys = set(keys)
+    return {key: value for key, value, _, _ in _gguf_fields(path) if key in keys}
+
+
+def gguf_tokenizer_fields(path):
+    """The target's tokenizer metadata, [(key, value, type, element type)], to write into a draft's GGUF."""
+    return [f for f in _gguf_fields(path) if f[0].startswith("tokenizer.")]
+
+
+def _gguf_fields(path):
+    """[(key, value, value type, element type or None)] of a GGUF file's key/value section. Walks it with the gguf
+    package's value types; GGUFReader itself builds a numpy view per string, which takes seconds for a 49k-token
+    vocabulary where this takes a few hundredths of one."""
     import mmap
     import struct
     import gguf
-    T, keys, out = gguf.GGUFValueType, set(keys), {}
+    T, out = gguf.GGUFValueType, []
     scalar = {t: np.dtype(d).newbyteorder("<") for t, d in gguf.GGUFReader.gguf_scalar_to_np.items()}
 
-    def read(buf, vt, off):  # -> (value of type vt at off, offset after it)
+    def read(buf, vt, off):  # -> (value of type vt at off, offset after it, element type of an array)
         if vt == T.STRING:
             (n,) = struct.unpack_from("<Q", buf, off)
-            return bytes(buf[off + 8:off + 8 + n]).decode("utf-8", errors="replace"), off + 8 + n
+            return bytes(buf[off + 8:off + 8 + n]).decode("utf-8", errors="replace"), off + 8 + n, None
         if vt == T.ARRAY:
             et, count = struct.unpack_from("<IQ", buf, off)
+            et = T(et)
             if et in scalar:  # a numeric array in one go
-                return np.frombuffer(buf, scalar[et], count, off + 12).tolist(), off + 12 + count * scalar[et].itemsize
+                end = off + 12 + count * scalar[et].itemsize
+                return np.frombuffer(buf, scalar[et], count, off + 12).tolist(), end, et
             items, off = [], off + 12
             for _ in range(count):
-                v, off = read(buf, et, off)
+                v, off, _ = read(buf, et, off)
                 items.append(v)
-            return items, off
-        return np.frombuffer(buf, scalar[vt], 1, off).item(), off + scalar[vt].itemsize
+            return items, off, et
+        return np.frombuffer(buf, scalar[vt], 1, off).item(), off + scalar[vt].itemsize, None
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             magic, version, _, n_kv = struct.unpack_from("<IIQQ", buf, 0)
@@ -324,10 +339,10 @@ def gguf_metadata(path, keys):
                 raise ValueError("bad magic or unsupported version")
             off = 24  # magic, version, tensor count, key/value count
             for _ in range(n_kv):
-                key, off = read(buf, T.STRING, off)
-                value, off = read(buf, struct.unpack_from("<I", buf, off)[0], off + 4)
-                if key in keys:
-                    out[key] = value
+                key, off, _ = read(buf, T.STRING, off)
+                vt = T(struct.unpack_from("<I", buf, off)[0])
+                value, off, et = read(buf, vt, off + 4)
+                out.append((key, value, vt, et))
     except (OSError, ValueError, KeyError, struct.error) as e:
         raise UserError(f"{path} is not a readable GGUF file: {e}")
     return out
@@ -434,9 +449,124 @@ def save_model(model, folder, extra=None):
         os.replace(tmp, folder)
 
 
+def full_head(model, fill=None):
+    """A trimmed draft as a plain full-vocabulary Llama, the form runtimes load: an untied head with the K trained
+    rows and `fill` (a (dim,) row; zeros if None) in every other row. Other models come back as they are."""
+    if model.head_ids is None:
+        return model
+    c = model.config
+    trained = model.lm_head.weight if model.lm_head is not None else model.embed_tokens.weight[model.head_ids]
+    head = trained.new_zeros(c.vocab_size, c.dim)
+    if fill is not None:
+        head[:] = torch.as_tensor(fill, dtype=head.dtype, device=head.device)
+    head[model.head_ids] = trained.detach()
+    with torch.device("meta"):
+        out = Transformer(dataclasses.replace(c, tie_embeddings=False))
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    out.load_state_dict({**state, "lm_head.weight": head}, assign=True)
+    out.reset_rope()
+    return out.eval()
+
+
+def read_head_fill(folder):
+    """The fitted row for a trimmed head's other tokens (export.py --keep-fill), or None when there is none or it
+    was fitted for other weights (a retrained draft)."""
+    path = Path(folder) / HEAD_FILL
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+        row, digest = saved["row"], saved["weights_digest"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"{path} is corrupt ({type(e).__name__}); delete it and run export.py again")
+    return row if digest == weights_digest(folder) else None
+
+
+def weights_digest(folder):
+    """A short hash of a folder's model.safetensors: what a stored head fill was fitted for."""
+    h = hashlib.sha256()
+    with open(Path(folder) / "model.safetensors", "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+# llama.cpp's names for ours, in the direction of writing (the reader's tables inverted)
+_TO_GGUF_TOP = {ours: theirs for theirs, ours in _GGUF_TOP.items()}
+_TO_GGUF = {ours: theirs for theirs, ours in _GGUF_NAMES.items()}
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
+
+
+def _permute(w, n_heads):
+    """HF's rotate-half q/k rows (i, i + hd/2) to llama.cpp's interleaved pairs (2i, 2i+1); _unpermute's inverse."""
+    rows, dim = w.shape
+    return w.reshape(n_heads, 2, rows // n_heads // 2, dim).transpose(1, 2).reshape(rows, dim)
+
+
+def save_gguf(model, path, tokenizer_fields, gguf_type="f16", name="fastdraft"):
+    """Write a model as a llama.cpp GGUF (llama architecture) with a tokenizer's metadata, atomically: matrices
+    in gguf_type (f32|f16|bf16|q8_0), norms and rope factors in f32 as llama.cpp expects. Trim the head first."""
+    import gguf
+    if model.head_ids is not None:
+        raise ValueError("a trimmed head has no llama.cpp form: pass full_head(model) instead")
+    if gguf_type not in GGUF_TYPES:
+        raise UserError(f"unknown GGUF type {gguf_type!r} (choose from {', '.join(GGUF_TYPES)})")
+    c, Q = model.config, gguf.GGMLQuantizationType
+    qtype = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[gguf_type]
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    w = gguf.GGUFWriter(str(tmp), "llama")
+    for add, value in ((w.add_name, name), (w.add_context_length, c.max_seq_len), (w.add_embedding_length, c.dim),
+                       (w.add_block_count, c.n_layers), (w.add_feed_forward_length, c.ffn_dim),
+                       (w.add_head_count, c.n_heads), (w.add_head_count_kv, c.n_kv_heads),
+                       (w.add_key_length, c.head_dim), (w.add_value_length, c.head_dim),
+                       (w.add_rope_dimension_count, c.head_dim), (w.add_rope_freq_base, c.rope_theta),
+                       (w.add_layer_norm_rms_eps, c.norm_eps), (w.add_vocab_size, c.vocab_size)):
+        add(value)
+    w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                     "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type])
+    scaling = c.rope_scaling or {}
+    if scaling.get("rope_type") == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(scaling["factor"])
+    for key, value, vtype, etype in tokenizer_fields:
+        w.add_key_value(key, value, vtype, sub_type=etype)
+    tensors = []
+    if scaling.get("rope_type") == "llama3":  # llama.cpp divides each frequency by this factor
+        plain = rope_frequencies(dataclasses.replace(c, rope_scaling=None))
+        tensors.append(("rope_freqs.weight", (plain / rope_frequencies(c)).float()))
+    for key, t in hf_state_dict(model).items():
+        ours = key.removeprefix("model.")
+        if ours in _TO_GGUF_TOP:
+            gname = _TO_GGUF_TOP[ours]
+        else:  # "layers.3.mlp.up_proj.weight" -> "blk.3.ffn_up.weight"
+            _, n, module = ours.removesuffix(".weight").split(".", 2)
+            gname = f"blk.{n}.{_TO_GGUF[module]}.weight"
+            if module == "self_attn.q_proj":
+                t = _permute(t, c.n_heads)
+            elif module == "self_attn.k_proj":
+                t = _permute(t, c.n_kv_heads)
+        tensors.append((gname, t))
+    for gname, t in tensors:
+        arr = t.float().numpy()
+        if arr.ndim == 1 or qtype == Q.F32:  # llama.cpp reads norms and rope factors as f32 only
+            w.add_tensor(gname, arr)
+        else:
+            w.add_tensor(gname, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def load_hf(spec, dtype):
     """A spec (HF folder, our saved draft folder, .gguf, smollm2) as a transformers model running HF's own code:
-    the peer bench.py --peer hf compares with. A trimmed draft loads with its full head there (save_model)."""
+    the peer bench.py --peer hf compares with. A trimmed draft runs its exported full head (full_head)."""
     try:
         import transformers
     except ImportError:
@@ -453,6 +583,11 @@ def load_hf(spec, dtype):
         # and transformers runs it with its own code; the weights are the same numbers either way
         with tempfile.TemporaryDirectory() as tmp:
             save_model(load_model(path, dtype=dtype), os.path.join(tmp, "hf"))
+            m = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(tmp, "hf"), dtype=dtype)
+    elif (Path(path) / HEAD_VOCAB).is_file():  # a trimmed draft runs with the full head export.py writes
+        with tempfile.TemporaryDirectory() as tmp:
+            model = load_model(path, dtype=dtype)
+            save_model(full_head(model, read_head_fill(path)), os.path.join(tmp, "hf"))
             m = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(tmp, "hf"), dtype=dtype)
     else:  # HF folders, and ours: they are written in the LlamaForCausalLM layout on purpose
         m = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
