@@ -5,6 +5,7 @@ import json
 import os
 import platform
 import sys
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -106,6 +107,15 @@ def sync(device):
     elif device.type == "hpu":
         mark_step(device)
         torch.hpu.synchronize()
+
+
+def timed(fn, device):
+    """fn()'s result and wall-clock seconds, with the device drained on both sides."""
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - t0
 
 
 def has_float64(device):

@@ -125,16 +125,16 @@ def test_bad_input_is_one_line_and_leaves_no_file(tmp_path):
 
 
 def test_llama_cpp_peer_reads_the_runtimes_counts(tmp_path):
-    import bench
-    assert bench.llama_cpp_binaries(str(tmp_path)) is None  # no llama.cpp there: the peer is skipped
+    import peers
+    assert peers.llama_cpp_binaries(str(tmp_path)) is None  # no llama.cpp there: the peer is skipped
     logs = {"llama-speculative-simple": "I encoded 6 tokens in 0.1 seconds\nI decoded   66 tokens in    2.877 seconds, "
                                  "speed: 22.9 t/s\nI n_drafted = 84\nI n_accept  = 37\n",
             "llama-completion": "prompt eval time = 80.00 ms / 6 tokens\n       eval time =  1000.00 ms /    20 runs"}
     for name, log in logs.items():
         (tmp_path / name).write_text(f"#!/bin/sh\ncat >&2 <<'EOF'\n{log}\nEOF\n")
         (tmp_path / name).chmod(stat.S_IRWXU)
-    spec, plain = bench.llama_cpp_binaries(str(tmp_path))
+    spec, plain = peers.llama_cpp_binaries(str(tmp_path))
     args = type("A", (), {"max_new_tokens": 64})()
-    assert bench.run_llama_cpp(spec, ["t", "d"], "x", args, 3, 0.3) == \
+    assert peers.run_llama_cpp(spec, ["t", "d"], "x", args, 3, 0.3) == \
         {"new_tokens": 66, "seconds": 2.877, "drafted": 84, "accepted": 37}
-    assert bench.run_llama_cpp(plain, ["t", "d"], "x", args) == {"new_tokens": 20, "seconds": 1.0}
+    assert peers.run_llama_cpp(plain, ["t", "d"], "x", args) == {"new_tokens": 20, "seconds": 1.0}
