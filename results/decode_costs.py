@@ -1,6 +1,6 @@
 """Issue 13 floors, interleaved in one process, 2 threads: AR tok/s fp32 vs bf16; our bf16 loop vs transformers
 generate bf16; c_time of a draft step (draft DIR given) vs a SmolLM2 step, bf16; compile of the draft step."""
-import json, statistics, sys, time, copy
+import copy, json, os, statistics, sys, time
 import torch
 import checkpoint, speculative, tokenizer
 torch.set_num_threads(2)
@@ -46,7 +46,7 @@ for r in range(3):
 med2 = {k: statistics.median(v) * 1e3 for k, v in res.items()}
 print("step ms", {k: round(v, 3) for k, v in med2.items()}, "c_time trimmed", round(med2["draft_trimmed"] / med2["target"], 4),
       "c_time full head", round(med2["draft_full_head"] / med2["target"], 4))
-json.dump({"ar_tok_s": out, "ar_medians": med, "step_ms": med2}, open("/work/runs/measure_decode.json", "w"), indent=1)
+json.dump({"ar_tok_s": out, "ar_medians": med, "step_ms": med2}, open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "decode_costs.json"), "w"), indent=1)
 # torch.compile (inductor) of the draft's layers on the CPU, buckets of 64 cache slots: does it pay?
 comp = checkpoint.load_model(draft_dir, dtype=torch.bfloat16)
 t0 = time.perf_counter(); comp.compile_blocks(64); comp.setup_cache(1, 512)
