@@ -174,7 +174,7 @@ def decode_dtype(device, name="auto"):
 
 def measure_decode_dtype(device, name="auto"):
     """True where --dtype auto must be decided by timing both dtypes: batch-1 decoding on a CPU with bf16 units
-    (AMD's avx512_bf16 decodes SmolLM2 2.4x faster in bf16, Intel's AMX 0.93x: README, "Precision")."""
+    (AMD's avx512_bf16 decodes SmolLM2 2.4x faster in bf16, Intel's AMX 0.93x: README, "Which dtype")."""
     return parse_dtype(name) is None and torch.device(device).type == "cpu" and cpu_has_bf16()
 
 

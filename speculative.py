@@ -494,8 +494,9 @@ def main():
     dtypes = fastest_dtypes(target, draft, args.gamma, prepack=args.prepack) if measure else \
         dict(autoregressive=dtype, speculative=dtype)
     spec_dtype, base_dtype = dtypes["speculative"], dtypes["autoregressive"]
-    target, draft = in_dtype(target, spec_dtype), (None if draft is target else in_dtype(draft, spec_dtype))
-    draft = draft or target
+    same = draft is target
+    target = in_dtype(target, spec_dtype)
+    draft = target if same else in_dtype(draft, spec_dtype)
     bases = {base_dtype: in_dtype(target, base_dtype)}  # the fastest plain decoding (first), the same dtype's
     if args.compare:
         bases.setdefault(spec_dtype, target)
