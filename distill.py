@@ -40,7 +40,8 @@ LOSSES = ("ce", "kl", "tvd", "ce+kl", "ce+tvd")
 TRAIN_DEFAULTS = {"draft": None, "target": None, "data": None, "loss": "ce", "kd_temperature": 1.0, "top_k": None,
                   "kd_weight": 1.0, "head_vocab": None, "seq_len": None, "batch_size": 8, "grad_accum": 1,
                   "epochs": 1.0, "max_steps": None, "lr": 3e-4, "min_lr": None, "warmup": None, "weight_decay": 0.1,
-                  "grad_clip": 1.0, "val_fraction": 0.05, "val_batches": 8, "dtype": "auto", "seed": 0}
+                  "grad_clip": 1.0, "val_fraction": 0.05, "val_batches": 8, "dtype": "auto", "seed": 0,
+                  "on_policy": None, "rollout_tokens": 128, "rollout_temperatures": "0.6,0", "teacher": "auto"}
 DEFAULT_TEMPERATURES = (0.6, 0.8, 1.0, 0.0)   # the paper's three temperatures plus greedy
 PROMPT_BUCKET = 64   # static shapes (cuda, hpu): prompt lengths are left-padded to a multiple of this
 
@@ -65,13 +66,16 @@ def user_turn_prefix(tok):
 
 @torch.no_grad()
 def generate_batch(model, prompts, max_new_tokens, temperature=0.0, top_p=None, stop_ids=(), generator=None,
-                   static=False):
+                   static=False, store_top_k=0):
     """Continue B prompts of different lengths in one batch: left-padded, one static KV cache, per-row stop.
     Left padding lines up every row's last prompt token at one cache slot, so each step is one (B, 1) forward;
     `pad` hides the padding slots and shifts RoPE positions: each row computes exactly what it would alone. Stopped
     rows leave the batch once they are a quarter of it. static (cuda / hpu: a new shape is a new graph): prompts
     padded to a multiple of PROMPT_BUCKET; the batch shrinks only to a power of two, finished rows riding along.
-    Returns (completions, stopped); a completion includes its stop token (the draft learns end-of-turn too)."""
+    store_top_k=k > 0: also keep, for every token written, the k most likely tokens of the distribution it was drawn
+    from (temperature 1) and their log-probabilities: token-level KD then needs no second pass of the target.
+    Returns (completions, stopped, top); a completion includes its stop token (the draft learns end-of-turn too);
+    top[b] = (ids, logprobs), one list of k per token of completion b, or None without store_top_k."""
     device = next(model.parameters()).device
     B, L = len(prompts), max(len(p) for p in prompts)
     L = -(-L // PROMPT_BUCKET) * PROMPT_BUCKET if static else L
@@ -80,17 +84,24 @@ def generate_batch(model, prompts, max_new_tokens, temperature=0.0, top_p=None, 
     for b, p in enumerate(prompts):
         idx[b, L - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
     model.setup_cache(B, L + max_new_tokens)
-    logits = model(idx, input_pos=0, last_n=1, pad=pad)[:, -1]                        # (B, V)
+    logits = model.to_vocab(model(idx, input_pos=0, last_n=1, pad=pad)[:, -1])        # (B, V); -inf off a trimmed head
     stop, dtype = set(stop_ids), sampling_dtype(device)
     out, stopped = [[] for _ in range(B)], [False] * B
+    top = [([], []) for _ in range(B)] if store_top_k else None
     live = list(range(B))                       # the prompt index of each row still in the batch
     for t in range(max_new_tokens):
         probs = sample_probs(logits, temperature, top_p=top_p)                        # (B', V); one-hot if greedy
         nxt = sample(probs, generator, dtype)                                          # (B',)
-        for b, tok in zip(live, nxt.tolist()):
+        if store_top_k:   # the teacher's distribution, as the KD losses read it (rounded: it is stored as text)
+            lp, ix = logits.float().log_softmax(-1).topk(store_top_k, dim=-1)          # (B', k)
+            lp, ix = lp.clamp(min=-99).mul(1000).round().div(1000).tolist(), ix.tolist()
+        for i, (b, tok) in enumerate(zip(live, nxt.tolist())):
             if not stopped[b]:
                 out[b].append(tok)
                 stopped[b] = tok in stop
+                if store_top_k:
+                    top[b][0].append(ix[i])
+                    top[b][1].append(lp[i])
         if all(stopped) or t == max_new_tokens - 1:
             break
         keep = [i for i, b in enumerate(live) if not stopped[b]]
@@ -101,10 +112,10 @@ def generate_batch(model, prompts, max_new_tokens, temperature=0.0, top_p=None, 
             # rows are done: drop them (one cache copy) instead of decoding them on and on
             model.keep_cache_rows(keep, L + t)
             live, nxt, pad = [live[i] for i in keep], nxt[keep], pad[keep]
-        logits = model(nxt[:, None], input_pos=L + t, pad=pad)[:, -1]                 # (B', V)
+        logits = model.to_vocab(model(nxt[:, None], input_pos=L + t, pad=pad)[:, -1])  # (B', V)
         mark_step(device)   # Habana lazy mode: one graph per token
     model.clear_cache()
-    return out, stopped
+    return out, stopped, top
 
 
 def magpie_instructions(target, tok, out, c, n, seed, max_tokens, static):
@@ -113,7 +124,7 @@ def magpie_instructions(target, tok, out, c, n, seed, max_tokens, static):
     path = os.path.join(out, f"magpie-c{c:05d}.jsonl")
     if not os.path.exists(path):
         g = make_generator(next(target.parameters()).device, seed_for(seed, f"magpie-{c}"))
-        outs, stopped = generate_batch(target, [user_turn_prefix(tok)] * n, max_tokens, 1.0, None, tok.stop_ids, g,
+        outs, stopped, _ = generate_batch(target, [user_turn_prefix(tok)] * n, max_tokens, 1.0, None, tok.stop_ids, g,
                                        static)
         texts = [tok.decode([i for i in ids if i not in tok.stop_ids]).strip() for ids in outs]
         write_atomic(path, synthetic.jsonl({"instruction": t if ok else ""} for t, ok in zip(texts, stopped)))
@@ -122,7 +133,7 @@ def magpie_instructions(target, tok, out, c, n, seed, max_tokens, static):
 
 def generate_dataset(target, tok, *, prompts, out, target_spec, temperatures=DEFAULT_TEMPERATURES, batch_size=16,
                      max_new_tokens=256, max_prompt_tokens=512, top_p=None, seed=0, field="instruction", limit=0,
-                     magpie_max_tokens=128, rank=None, world_size=None, log=print):
+                     magpie_max_tokens=128, store_top_k=0, rank=None, world_size=None, log=print):
     """The target answers every prompt at every temperature; this rank does its share of the work units. A work
     unit is (a batch of length-sorted prompts, one temperature); unit i of the fixed prompts belongs to rank
     i % world_size. Magpie batches are written and answered by rank (batch % world_size): no rank can see another's
@@ -134,7 +145,8 @@ def generate_dataset(target, tok, *, prompts, out, target_spec, temperatures=DEF
         raise UserError("--temperatures must be numbers >= 0 (0 = greedy)")
     settings = {"target": target_spec, "prompts": prompts, "temperatures": temperatures, "top_p": top_p,
                 "max_new_tokens": max_new_tokens, "max_prompt_tokens": max_prompt_tokens, "batch_size": batch_size,
-                "seed": seed, "field": field, "limit": limit, "magpie_max_tokens": magpie_max_tokens}
+                "seed": seed, "field": field, "limit": limit, "magpie_max_tokens": magpie_max_tokens,
+                **({"store_top_k": store_top_k} if store_top_k else {})}
     fixed, n_magpie, counts = synthetic.prepare_prompts(tok, prompts, field, limit, max_prompt_tokens)
     if max_prompt_tokens + max_new_tokens > target.config.max_seq_len:
         raise UserError(f"--max-prompt-tokens + --max-new-tokens = {max_prompt_tokens + max_new_tokens} is over the "
@@ -182,9 +194,10 @@ def generate_dataset(target, tok, *, prompts, out, target_spec, temperatures=DEF
             batch = batches[c]
         rows, dups = [], 0
         if batch:
-            outs, stopped = generate_batch(target, [p["ids"] for p in batch], max_new_tokens, temperature, top_p,
-                                           tok.stop_ids, make_generator(device, seed_for(seed, key)), static)
-            rows, dups = synthetic.answer_rows(tok, batch, outs, stopped, temperature, key, seen_pairs)
+            outs, stopped, top = generate_batch(target, [p["ids"] for p in batch], max_new_tokens, temperature,
+                                                top_p, tok.stop_ids, make_generator(device, seed_for(seed, key)),
+                                                static, store_top_k)
+            rows, dups = synthetic.answer_rows(tok, batch, outs, stopped, temperature, key, seen_pairs, top)
         name = f"shard-r{rank}-{key}.jsonl"
         write_atomic(os.path.join(out, name), synthetic.jsonl(rows))
         shard_stats[name] = synthetic.shard_stats_of(rows)
@@ -193,6 +206,62 @@ def generate_dataset(target, tok, *, prompts, out, target_spec, temperatures=DEF
         log(f"rank {rank}: unit {n + 1}/{len(todo)} {key}: {len(rows)} rows, {dups} duplicates, "
             f"{new_tokens / max(time.time() - t0, 1e-9):.1f} tok/s")
     return synthetic.write_manifest(out, settings, tok_info, {}, rank, shard_stats)
+
+
+# -----------------------------------------------------------------------------
+# on-policy data: the draft writes, the target scores what it wrote
+
+class OnPolicyBatches(synthetic.CompletionBatches):
+    """Endless batches of the draft's own continuations of the prompts, sampled from the draft as it is now
+    (on-policy distillation: DistillSpec, Zhou et al. 2023, arXiv 2310.08461; GKD, Agarwal et al. 2024). A
+    target-written data set shows the draft only the target's text; in decoding the draft continues its *own*
+    proposals, and where those leave the target's text it has never been taught. Here the loss (a token-level one:
+    the target's distribution at each position of the draft's text against the draft's) is taken exactly there.
+    Rows are (x, y) as in CompletionBatches, y the draft's tokens and IGNORE on the prompt. Batch n samples at
+    temperatures[n % len] with a seed made of (seed, rank, n), so a resumed run (same weights, same n) rolls out
+    the very batches an uninterrupted one would have."""
+
+    def __init__(self, draft, prompts, batch_size, *, max_new_tokens, temperatures, stop_ids, seq_len, seed=0,
+                 rank=0, world_size=1, device="cpu", length=None):
+        super().__init__(prompts, batch_size, seed, rank, world_size, device, length)
+        self.draft, self.max_new_tokens, self.temperatures = draft, max_new_tokens, temperatures
+        self.stop_ids, self.seq_len, self.n = stop_ids, seq_len, 0
+
+    def __next__(self):
+        prompts = self.take()
+        temperature = self.temperatures[self.n % len(self.temperatures)]
+        g = make_generator(self.device, seed_for(self.seed, f"rollout-{self.rank}-{self.n}"))
+        self.n += 1
+        outs, _, _ = generate_batch(self.draft, prompts, self.max_new_tokens, temperature, None, self.stop_ids, g,
+                                 static=self.length is not None)
+        rows = [synthetic.completion_row(p, c, self.seq_len) for p, c in zip(prompts, outs)]
+        return synthetic.pad_rows(rows, self.device, self.length)
+
+    def state_dict(self):
+        return {**super().state_dict(), "n": self.n}
+
+    def load_state_dict(self, sd):
+        super().load_state_dict(sd)
+        self.n = int(sd["n"])
+
+
+def rollout_prompts(target, tok, sources, out, seed, max_prompt_tokens, log=print):
+    """The prompt ids of --on-policy SOURCES (generate's --prompts syntax; evaluation prompts refused). magpie:N
+    instructions are written by the target once and kept in `out`, so a resumed run rolls out the same prompts."""
+    fixed, n_magpie, counts = synthetic.prepare_prompts(tok, sources, "instruction", 0, max_prompt_tokens)
+    os.makedirs(out, exist_ok=True)
+    static = next(target.parameters()).device.type in ("cuda", "hpu")
+    magpie = []
+    for c in range(math.ceil(n_magpie / 64)):
+        texts = magpie_instructions(target, tok, out, c, min(64, n_magpie - c * 64), seed, 128, static)
+        magpie += [{"text": t, "source": "magpie", "kind": "chat"} for t in texts if t]
+    magpie = synthetic.keep_prompts(tok, magpie, max_prompt_tokens)[0]
+    prompts = [p["ids"] for p in fixed + magpie]
+    if not prompts:
+        raise UserError(f"--on-policy {sources}: no prompts left once evaluation prompts, repeats and over-long "
+                        f"prompts are dropped")
+    log(f"on-policy prompts: {len(prompts)} ({dict(counts['prompts_by_source'])}, magpie {len(magpie)})")
+    return prompts
 
 
 # -----------------------------------------------------------------------------
@@ -244,6 +313,8 @@ def make_loss_fn(target, loss="ce", kd_temperature=1.0, top_k=None, kd_weight=1.
         raise UserError(f"unknown loss {loss!r} (choose {', '.join(LOSSES)})")
     if loss == "ce":
         return next_token_loss
+    if target is None:
+        return stored_loss_fn(loss, kd_temperature, top_k, kd_weight)
 
     def loss_fn(draft, x, y):
         logits = draft(x).flatten(0, 1)                                                 # (B*T, K)
@@ -254,6 +325,25 @@ def make_loss_fn(target, loss="ce", kd_temperature=1.0, top_k=None, kd_weight=1.
         with autocast_off(x.device):
             return distill_loss(logits, head_targets(draft, y).flatten(), target_logits, loss, kd_temperature, top_k,
                                 kd_weight, scored=(y != IGNORE).flatten())[0]
+    return loss_fn
+
+
+def stored_loss_fn(loss, kd_temperature=1.0, top_k=None, kd_weight=1.0):
+    """The token-level losses against the target's top-k stored by `generate --store-top-k` (batches of
+    x, y, top_ids, top_logprobs): no target pass at all. The k stored log-probs become logits over the draft's
+    outputs, -inf elsewhere, so the softmax in distill_loss renormalises them: the paper's sparse top-k KD. A
+    trimmed draft keeps the stored tokens its head has; a position with none of them is not scored."""
+    def loss_fn(draft, x, y, top_ids, top_logprobs):
+        logits = draft(x).flatten(0, 1)                                                 # (B*T, K)
+        with autocast_off(x.device):
+            pos = draft.head_index(top_ids).flatten(0, 1)                               # (B*T, k); -1 off the head
+            vals = torch.where(pos >= 0, top_logprobs.flatten(0, 1).float(), float("-inf"))
+            z = logits.new_full(logits.shape, float("-inf")).scatter_reduce(-1, pos.clamp(min=0), vals, "amax")
+            seen = torch.isfinite(z).any(-1)                                            # (B*T,)
+            z = torch.where(seen[:, None], z, torch.zeros_like(z))                      # no NaN where unscored
+            scored = (y != IGNORE).flatten() & seen
+            return distill_loss(logits, head_targets(draft, y).flatten(), z, loss, kd_temperature, top_k, kd_weight,
+                                scored=scored)[0]
     return loss_fn
 
 
@@ -286,6 +376,9 @@ def make_parser():
     g.add_argument("--max-prompt-tokens", type=int, default=512, help="longer prompts are skipped")
     g.add_argument("--magpie-max-tokens", type=int, default=128, help="instruction length cap for magpie:N")
     g.add_argument("--batch-size", type=int, default=16, help="prompts decoded together (one work unit)")
+    g.add_argument("--store-top-k", type=int, default=0, metavar="K",
+                   help="also store the target's K most likely tokens and log-probabilities at every completion "
+                        "token, so train's token-level losses need no target (0: off)")
 
     # The flags that define a training run have no argparse default (SUPPRESS: absent unless given), so that
     # --resume tells a flag given now from one left out (common.run_args); their defaults are TRAIN_DEFAULTS.
@@ -302,6 +395,18 @@ def make_parser():
     t.add_argument("--kd-temperature", type=float, help=f"softens both distributions in kl/tvd (default: "
                                                         f"{D['kd_temperature']})")
     t.add_argument("--top-k", type=int, help="keep the target's top-k tokens, renormalised (kl/tvd; default: all)")
+    t.add_argument("--on-policy", metavar="SOURCES",
+                   help="on-policy distillation: train on the draft's own continuations of these prompts (generate's "
+                        "--prompts syntax, e.g. magpie:640,code:builtin:code:900), scored by the target with --loss "
+                        "(kl, tvd, ...); --data then only gives the validation rows")
+    t.add_argument("--rollout-tokens", type=int, help=f"on-policy: new tokens the draft writes a prompt (default: "
+                                                      f"{D['rollout_tokens']})")
+    t.add_argument("--rollout-temperatures", help=f"on-policy: the draft samples batch n at the n-th of these, in turn "
+                                                  f"(0 = greedy; default: {D['rollout_temperatures']})")
+    t.add_argument("--teacher", choices=["auto", "stored", "live"],
+                   help="where kl/tvd read the target's distribution: stored = the top-k `generate --store-top-k` "
+                        "kept (no target pass), live = the target run on every batch; auto: stored when every row "
+                        f"of --data has it (default: {D['teacher']})")
     t.add_argument("--kd-weight", type=float, help=f"weight of the token-level part in ce+kl, ce+tvd (default: "
                                                    f"{D['kd_weight']})")
     t.add_argument("--head-vocab", type=int, metavar="K", help=head_help + " (a trimmed --draft keeps its own)")
@@ -354,7 +459,8 @@ def make_parser():
 
 
 def cmd_generate(args):
-    check_flags(args, positive=["batch_size", "max_new_tokens", "max_prompt_tokens", "magpie_max_tokens"])
+    check_flags(args, positive=["batch_size", "max_new_tokens", "max_prompt_tokens", "magpie_max_tokens"],
+                non_negative=["store_top_k"])
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise UserError("--top-p must be in (0, 1]")
     try:
@@ -377,7 +483,7 @@ def cmd_generate(args):
                                 temperatures=temperatures, batch_size=args.batch_size,
                                 max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
                                 top_p=args.top_p, seed=args.seed, field=args.field, limit=args.limit,
-                                magpie_max_tokens=args.magpie_max_tokens, log=say)
+                                magpie_max_tokens=args.magpie_max_tokens, store_top_k=args.store_top_k, log=say)
     c = manifest["counts"]
     say(f"{args.out}: {c['examples']} examples, {c['completion_tokens']} completion tokens in "
         f"{c['units_done']}/{c['units_total']} work units; {c['dropped_eval']} evaluation prompts refused, "
@@ -397,32 +503,52 @@ def data_target(args, fallback=None):
 
 
 def check_train_args(args):
-    if not args.draft or not args.data:
-        raise UserError("train needs --draft DIR and --data DIR (or --resume DIR)")
+    if not args.draft or not (args.data or args.on_policy):
+        raise UserError("train needs --draft DIR and --data DIR or --on-policy SOURCES (or --resume DIR)")
     if args.loss not in LOSSES:
         raise UserError(f"unknown loss {args.loss!r} (choose {', '.join(LOSSES)})")
+    if args.on_policy and args.loss == "ce":
+        raise UserError("--on-policy needs a token-level --loss (kl, tvd, ce+kl, ce+tvd): the draft's own text has "
+                        "no target tokens to imitate, only the target's distribution at each of its positions")
+    try:
+        args.rollout_temperatures = [float(t) for t in str(args.rollout_temperatures).strip("[]").split(",")]
+    except ValueError:
+        raise UserError(f"--rollout-temperatures: not a list of numbers: {args.rollout_temperatures!r}")
+    if any(t < 0 for t in args.rollout_temperatures):
+        raise UserError("--rollout-temperatures must be numbers >= 0 (0 = greedy)")
     check_flags(args, positive=["seq_len", "batch_size", "grad_accum", "epochs", "lr", "kd_temperature", "val_batches",
-                                "log_every", "head_vocab", "top_k"],
+                                "log_every", "head_vocab", "top_k", "rollout_tokens"],
                 non_negative=["min_lr", "warmup", "weight_decay", "grad_clip", "eval_every", "save_every", "stop_at",
                               "max_steps"])
     if not 0 <= args.val_fraction < 1:
         raise UserError("--val-fraction must be in [0, 1)")
 
 
-def load_models(args, device, dtype):
-    """The draft (from --resume or --draft) and, for the token-level losses, the target as a frozen teacher;
-    both checked against the target's vocabulary, as is the data."""
-    ttok = data_target(args)
+def load_models(args, device):
+    """The draft (from --resume or --draft), the examples of --data and, where a token-level loss needs it live,
+    the target as a frozen teacher; all checked against the target's vocabulary. Returns (draft, target or None,
+    tokenizer, examples): (prompt, completion) pairs, or triples with the stored top-k when the teacher is stored."""
+    ttok = data_target(args) if args.data else tokenizer.load_tokenizer(args.target or "smollm2")
+    args.target = args.target or ttok.spec
     draft = load_model(args.resume or args.draft, device=device, dtype=torch.float32)
     # distillation compares the two models' distributions token id by token id: one vocabulary for all
     tokenizer.check_draft_vocab(ttok, args.draft, draft.config.vocab_size)
+    examples = []
+    if args.data:
+        synthetic.check_data_vocab(args.data, ttok)
+        examples = synthetic.read_synthetic(args.data, ttok.vocab_size, top_k=args.loss != "ce")
+    stored = args.loss != "ce" and not args.on_policy and all(e[2] is not None for e in examples)
+    if args.teacher == "stored" and not stored:
+        raise UserError("--teacher stored needs a token-level --loss and --data made by `generate --store-top-k K` "
+                        "(every row), and no --on-policy")
+    stored = stored and args.teacher != "live"
+    examples = examples if stored else [e[:2] for e in examples]
     target = None
-    if args.loss != "ce":
-        target = load_model(args.target, device=device, dtype=dtype if device.type != "cpu" else None)
+    if args.loss != "ce" and not stored:   # the teacher computes in the dtype it decodes in (bf16 with bf16 units)
+        target = load_model(args.target, device=device, dtype=decode_dtype(device, "auto"))
         target.requires_grad_(False)
         tokenizer.check_same_vocab(ttok, vocab_size=target.config.vocab_size, what="the target model")
-    synthetic.check_data_vocab(args.data, ttok)
-    return draft, target, ttok
+    return draft, target, ttok, examples
 
 
 def cmd_train(args):
@@ -435,20 +561,34 @@ def cmd_train(args):
     say, dtype = dist.say, train_dtype(device, args.dtype)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    draft, target, ttok = load_models(args, device, dtype)
+    draft, target, ttok, examples = load_models(args, device)
     args.seq_len = args.seq_len or min(1024, draft.config.max_seq_len)
     if args.seq_len > draft.config.max_seq_len:
         raise UserError(f"--seq-len {args.seq_len} exceeds the draft's context ({draft.config.max_seq_len})")
-    examples = synthetic.read_synthetic(args.data, ttok.vocab_size)
-    train_rows, val_rows, too_long = synthetic.split_rows(examples, args.seq_len, args.val_fraction, args.seed)
+    train_rows, val_rows, too_long = [], [], 0
+    if examples:
+        train_rows, val_rows, too_long = synthetic.split_rows(examples, args.seq_len, args.val_fraction, args.seed)
+    if args.head_vocab and args.on_policy and not (args.resume or train_rows):
+        raise UserError("--head-vocab with --on-policy counts tokens in --data: give the target's data set too")
     if args.head_vocab and not args.resume:   # counted over the training completions (the target's text)
-        completions = [[t for t in y if t != IGNORE] for _, y in train_rows]
+        completions = [[t for t in row[1] if t != IGNORE] for row in train_rows]
         covered = trim_to_frequent(draft, args.head_vocab, ttok, completions, say)
         say(f"head: {len(draft.head_ids)} tokens, {covered:.1%} of the training completions' tokens")
     # one row length on cuda/hpu: a new shape would be a new graph (Gaudi) or a new kernel plan; CPU pads less
     length = args.seq_len if device.type in ("cuda", "hpu") else None
-    batches = synthetic.CompletionBatches(train_rows, args.batch_size, seed=args.seed, rank=dist.rank,
-                                          world_size=dist.world, device=device, length=length)
+    if args.on_policy:
+        if args.rollout_tokens >= args.seq_len:
+            raise UserError(f"--rollout-tokens {args.rollout_tokens} leaves no room for a prompt in --seq-len "
+                            f"{args.seq_len}")
+        train_rows = rollout_prompts(target, ttok, args.on_policy, args.out, args.seed,
+                                     args.seq_len - args.rollout_tokens, say)   # the rows are prompts here
+        batches = OnPolicyBatches(draft, train_rows, args.batch_size, max_new_tokens=args.rollout_tokens,
+                                  temperatures=args.rollout_temperatures, stop_ids=ttok.stop_ids,
+                                  seq_len=args.seq_len, seed=args.seed, rank=dist.rank, world_size=dist.world,
+                                  device=device, length=length)
+    else:
+        batches = synthetic.CompletionBatches(train_rows, args.batch_size, seed=args.seed, rank=dist.rank,
+                                              world_size=dist.world, device=device, length=length)
     val = val_rows[:args.val_batches * args.batch_size] if dist.rank == 0 else []   # rank 0 validates
     val_batches = [synthetic.pad_rows(val[i:i + args.batch_size], device, length)
                    for i in range(0, len(val), args.batch_size)] or None
@@ -460,9 +600,11 @@ def cmd_train(args):
                      grad_accum=args.grad_accum, grad_clip=args.grad_clip, dtype=dtype, eval_every=args.eval_every,
                      save_every=args.save_every, log_every=args.log_every, out=args.out, start_step=start_step,
                      stop_at=args.stop_at, compile=compile, seq_len=args.seq_len)
-    say(f"draft {draft.num_params() / 1e6:.2f}M params on {device}; target {args.target} "
-        f"({'loaded as teacher' if target is not None else 'vocabulary only: ce needs no teacher'}); loss {args.loss}")
-    say(f"{len(examples)} examples -> {len(train_rows)} train rows, {len(val_rows)} validation rows"
+    teacher = "loaded as teacher" if target is not None else "vocabulary only: ce needs no teacher" \
+        if args.loss == "ce" else "its top-k stored in the data: no teacher pass"
+    say(f"draft {draft.num_params() / 1e6:.2f}M params on {device}; target {args.target} ({teacher}); loss {args.loss}")
+    say(f"{len(examples)} examples -> {len(train_rows)} train {'prompts' if args.on_policy else 'rows'}, "
+        f"{len(val_rows)} validation rows"
         f"{f', {too_long} skipped (prompt fills --seq-len)' if too_long else ''}; {max_steps} steps of "
         f"{rows_per_step} rows" + (f"; resuming at step {start_step}" if start_step else ""))
     loss_fn = make_loss_fn(target, args.loss, args.kd_temperature, args.top_k, args.kd_weight)

@@ -246,11 +246,12 @@ def shard_stats_of(rows):
     return len(rows), sum(len(r["completion_ids"]) for r in rows)   # (examples, completion tokens)
 
 
-def answer_rows(tok, batch, completions, stopped, temperature, key, seen_pairs):
-    """The shard rows of one work unit: the target's answers to a batch of prompts at one temperature. Returns
+def answer_rows(tok, batch, completions, stopped, temperature, key, seen_pairs, top=None):
+    """The shard rows of one work unit: the target's answers to a batch of prompts at one temperature, with the
+    target's top-k tokens and log-probabilities at each completion token when `top` holds them. Returns
     (rows, duplicates): an answer already kept is dropped (greedy and low temperatures often agree)."""
     rows, dups = [], 0
-    for p, ids, ok in zip(batch, completions, stopped):
+    for b, (p, ids, ok) in enumerate(zip(batch, completions, stopped)):
         completion = tok.decode([i for i in ids if i not in tok.stop_ids])
         h = pair_hash(p["text"], completion)
         if h in seen_pairs:
@@ -260,6 +261,8 @@ def answer_rows(tok, batch, completions, stopped, temperature, key, seen_pairs):
         rows.append({"source": p["source"], "kind": p["kind"], "prompt": p["text"], "completion": completion,
                      "prompt_ids": p["ids"], "completion_ids": ids, "temperature": temperature,
                      "finish": "stop" if ok else "length", "unit": key})
+        if top is not None:
+            rows[-1]["top_k_ids"], rows[-1]["top_k_logprobs"] = top[b]
     return rows, dups
 
 
@@ -294,10 +297,11 @@ def write_manifest(out, settings, tok_info, counts, rank, shard_stats, dups=None
 # -----------------------------------------------------------------------------
 # 3. Reading it back
 
-def read_synthetic(folders, vocab_size=None):
+def read_synthetic(folders, vocab_size=None, top_k=False):
     """All (prompt_ids, completion_ids) pairs of one or more `generate` folders (a list or "a,b"), exact
     duplicates dropped, also across folders: a second, bigger run can be added to a first one. A corrupt line is
-    reported by file and line number: a half-copied data set should not train silently."""
+    reported by file and line number: a half-copied data set should not train silently. top_k: triples instead,
+    (prompt_ids, completion_ids, (top-k ids, top-k log-probs) of each completion token, or None where not stored)."""
     paths = []
     for folder in folders.split(",") if isinstance(folders, str) else folders:
         if not os.path.isdir(folder):
@@ -313,11 +317,15 @@ def read_synthetic(folders, vocab_size=None):
                 p, c = row["prompt_ids"], row["completion_ids"]
                 if not all(isinstance(i, int) and 0 <= i < (vocab_size or 2**62) for i in p + c):
                     raise ValueError("token ids must be integers in the vocabulary")
+                top = (row["top_k_ids"], row["top_k_logprobs"]) if top_k and "top_k_ids" in row else None
+                if top and not (len(top[0]) == len(top[1]) == len(c) and all(
+                        len(i) == len(v) == len(top[0][0]) for i, v in zip(*top))):
+                    raise ValueError("top_k_ids / top_k_logprobs must hold k entries for every completion token")
             except (KeyError, TypeError, ValueError) as e:
                 raise UserError(f"{path}:{n}: corrupt shard line ({f'missing {e}' if isinstance(e, KeyError) else e})")
             if c and (tuple(p), tuple(c)) not in seen:
                 seen.add((tuple(p), tuple(c)))
-                examples.append((p, c))
+                examples.append((p, c, top) if top_k else (p, c))
     if not examples:
         raise UserError(f"{folders}: the shards hold no examples")
     return examples
@@ -334,21 +342,27 @@ def check_data_vocab(folders, tok):
 # -----------------------------------------------------------------------------
 # 4. Training rows: the synthetic set as padded rows with a completion-only loss mask
 
-def completion_row(prompt_ids, completion_ids, seq_len):
+def completion_row(prompt_ids, completion_ids, seq_len, top=None):
     """One training row: x = ids[:-1], y = ids[1:], and y = IGNORE (no loss) where the next token is a prompt token.
     The draft sees the prompt as context but is only taught to continue it the way the target did: the prompt
-    was written by a user (or Magpie) and the draft never has to predict it during speculative decoding."""
+    was written by a user (or Magpie) and the draft never has to predict it during speculative decoding.
+    top (the target's stored top-k of each completion token): the row also gets, at each position, the top-k ids
+    and log-probs of the token y holds there, (x, y, top_ids, top_logprobs); prompt positions get none ([])."""
     ids = (prompt_ids + completion_ids)[:seq_len + 1]
     y = [IGNORE if i + 1 < len(prompt_ids) else t for i, t in enumerate(ids[1:])]
-    return ids[:-1], y
+    if top is None:
+        return ids[:-1], y
+    skip = len(prompt_ids) - 1   # position i holds completion token i - skip
+    n = len(y) - skip
+    return ids[:-1], y, [[]] * skip + top[0][:n], [[]] * skip + top[1][:n]
 
 
 def split_rows(examples, seq_len, val_fraction, seed):
     """Rows for training and validation. A prompt goes wholly to one side (all its temperatures), so the
     validation loss measures imitation of the target on prompts the draft has not seen."""
     train_rows, val_rows, dropped = [], [], 0
-    for p, c in examples:
-        row = completion_row(p, c, seq_len)
+    for p, c, *top in examples:
+        row = completion_row(p, c, seq_len, *top)
         if all(t == IGNORE for t in row[1]):
             dropped += 1   # the prompt alone fills --seq-len: nothing left to learn from
             continue
@@ -361,14 +375,25 @@ def split_rows(examples, seq_len, val_fraction, seed):
 
 def pad_rows(rows, device="cpu", length=None):
     """Right-pad rows to `length` (default: the longest): x with 0 (harmless: causal attention never looks right),
-    y with IGNORE. A fixed length keeps one shape for every batch (Gaudi and torch.compile: one graph)."""
-    T = length or max(len(x) for x, _ in rows)
+    y with IGNORE. A fixed length keeps one shape for every batch (Gaudi and torch.compile: one graph). Rows with
+    the target's top-k (completion_row's 4-tuples) also give top_ids, top_logprobs (B, T, k); a position without
+    them (prompt, padding) holds token 0 at log-prob 0, a valid distribution that the loss mask then ignores."""
+    T = length or max(len(r[0]) for r in rows)
     x = torch.zeros(len(rows), T, dtype=torch.long)
     y = torch.full((len(rows), T), IGNORE, dtype=torch.long)
-    for b, (xs, ys) in enumerate(rows):
+    for b, (xs, ys, *_) in enumerate(rows):
         x[b, :len(xs)] = torch.tensor(xs)
         y[b, :len(ys)] = torch.tensor(ys)
-    return x.to(device), y.to(device)                                                   # (B, T), (B, T)
+    if len(rows[0]) == 2:
+        return x.to(device), y.to(device)                                               # (B, T), (B, T)
+    k = next((len(i) for r in rows for i in r[2] if i), 1)
+    top_ids = torch.zeros(len(rows), T, k, dtype=torch.long)
+    top_lp = torch.zeros(len(rows), T, k)
+    for b, (_, _, ids, lps) in enumerate(rows):
+        for t, (i, v) in enumerate(zip(ids, lps)):
+            if i:
+                top_ids[b, t], top_lp[b, t] = torch.tensor(i), torch.tensor(v)
+    return x.to(device), y.to(device), top_ids.to(device), top_lp.to(device)           # + (B, T, k) twice
 
 
 class CompletionBatches:
@@ -386,6 +411,10 @@ class CompletionBatches:
         return self
 
     def __next__(self):
+        return pad_rows(self.take(), self.device, self.length)
+
+    def take(self):
+        """This rank's rows of the next step (the shuffled epoch's next slice)."""
         if self.pos + self.step_rows > len(self.rows):
             self.epoch, self.pos = self.epoch + 1, 0
         if self.order[0] != self.epoch:
@@ -395,7 +424,7 @@ class CompletionBatches:
         chunk = self.order[1][self.pos:self.pos + self.step_rows]
         self.pos += self.step_rows
         mine = chunk[self.rank::self.world_size] or chunk[:1]   # a tiny set on many ranks: never an empty batch
-        return pad_rows([self.rows[i] for i in mine], self.device, self.length)
+        return [self.rows[i] for i in mine]
 
     def state_dict(self):
         return {"epoch": self.epoch, "pos": self.pos}

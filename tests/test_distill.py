@@ -47,7 +47,7 @@ def test_batched_generation_equals_one_row_at_a_time(static, monkeypatch):
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (1, 7, 3, 12, 5)]
     alone = [distill.generate_batch(m, [p], 10, temperature=0)[0][0] for p in prompts]
-    batched, stopped = distill.generate_batch(m, prompts, 10, temperature=0, static=static)
+    batched, stopped, _ = distill.generate_batch(m, prompts, 10, temperature=0, static=static)
     assert batched == alone and not any(stopped) and all(len(set(a)) > 3 for a in alone)
     # per-row stop: a token that row 1 emits third ends row 1 there and changes no other row's tokens
     # (finished rows leave the batch: the cache keeps only the live rows, and the others must not notice)
@@ -56,7 +56,7 @@ def test_batched_generation_equals_one_row_at_a_time(static, monkeypatch):
     kept, keep_rows, caches = [], m.keep_cache_rows, []
     monkeypatch.setattr(m, "keep_cache_rows", lambda rows, length: (kept.append(list(rows)), keep_rows(rows, length)))
     monkeypatch.setattr(m, "setup_cache", lambda B, S, f=m.setup_cache: (caches.append(S), f(B, S)))
-    batched, stopped = distill.generate_batch(m, prompts, 10, temperature=0, stop_ids={stop}, static=static)
+    batched, stopped, _ = distill.generate_batch(m, prompts, 10, temperature=0, stop_ids={stop}, static=static)
     monkeypatch.undo()
     assert batched == cut and stopped[1] and len(batched[1]) <= 3
     assert kept and all(len(rows) < len(prompts) for rows in kept)
@@ -231,6 +231,70 @@ def test_kd_of_a_trimmed_copy_of_the_target_is_zero_on_its_subset():
     assert distill.make_loss_fn(m, "ce+kl")(trimmed, xb, yb).item() == pytest.approx(want.item(), abs=1e-5)
 
 
+@pytest.mark.parametrize("loss", ["kl", "tvd", "ce+tvd"])
+@pytest.mark.parametrize("trimmed", [False, True])
+def test_stored_top_k_loss_equals_the_live_teacher_loss(loss, trimmed):
+    # the top-k the target stores while it writes the data is what a live target pass would give the loss
+    target = tiny(vocab=97, seed=1, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, tie_embeddings=False)
+    with torch.no_grad():
+        target.lm_head.weight.mul_(20)   # peaked distributions: a top-k truncation that matters
+    prompts = [[5, 6, 7], [40, 41, 42, 43, 44]]
+    outs, _, top = distill.generate_batch(target, prompts, 8, temperature=1.0,
+                                          generator=torch.Generator().manual_seed(0), store_top_k=6)
+    draft = tiny(vocab=97, seed=3)
+    if trimmed:   # a head holding every stored token (and others): the stored ids map to head positions
+        draft.trim_head(sorted({i for t in top for ids in t[0] for i in ids} | set(range(0, 97, 3))))
+    # stored: the 6 largest log-probs of the distribution each token was drawn from, at temperature 1
+    with torch.no_grad():
+        full = target(torch.tensor([prompts[0] + outs[0]]))[0].log_softmax(-1)        # (T, V)
+    want = full[len(prompts[0]) - 1:len(prompts[0]) - 1 + len(outs[0])].topk(6, dim=-1)
+    assert top[0][0] == want.indices.tolist()
+    assert torch.tensor(top[0][1]) == pytest.approx(want.values, abs=1e-3)
+    assert outs[0][0] in top[0][0][0] and len(top[1][0]) == len(outs[1])
+
+    rows = [synthetic.completion_row(p, c, 64, t) for p, c, t in zip(prompts, outs, top)]
+    batch = synthetic.pad_rows(rows)
+    assert [b.shape for b in batch[2:]] == [(2, 12, 6), (2, 12, 6)]
+    stored = distill.make_loss_fn(None, loss, top_k=None)(draft, *batch)
+    live = distill.make_loss_fn(target, loss, top_k=6)(draft, *batch[:2])
+    assert stored.item() == pytest.approx(live.item(), abs=2e-3)                     # log-probs rounded to 1e-3
+    other = distill.make_loss_fn(target, loss, top_k=None)(draft, *batch[:2])
+    assert abs(other.item() - stored.item()) > 1e-3                                # the truncation is real
+    # padding rows to a fixed length changes nothing, and no step reads back to the host
+    fixed = synthetic.pad_rows(rows, length=20)
+    with host_syncs() as calls:
+        padded = distill.make_loss_fn(None, loss)(draft, *fixed)
+        padded.backward()
+    assert calls == [] and padded.item() == pytest.approx(stored.item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_on_policy_batches_are_the_drafts_own_text_and_resume_exactly(static):
+    draft = tiny(vocab=97, seed=1, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, tie_embeddings=False)
+    draft.trim_head(list(range(10, 97)))   # its samples are vocabulary ids, never positions in its head
+    prompts = [[5, 6, 7], [40, 41, 42, 43, 44], [12, 13], [20, 21, 22, 23]]
+    kw = dict(max_new_tokens=6, temperatures=[0.0, 1.0], stop_ids=(), seq_len=64, seed=3,
+              length=16 if static else None)
+    batches = distill.OnPolicyBatches(draft, prompts, 2, **kw)
+    x, y = next(batches)                                         # batch 0: greedy, at temperature 0
+    for row in range(2):
+        completion = [t for t in y[row].tolist() if t != IGNORE]
+        assert len(completion) == 6 and all(10 <= t < 97 for t in completion)
+        start = (y[row] != IGNORE).nonzero()[0].item() + 1   # the prompt's length
+        assert distill.generate_batch(draft, [x[row, :start].tolist()], 6)[0][0] == completion
+    state = batches.state_dict()
+    nxt = next(batches)                                          # batch 1: sampled, at temperature 1
+    again = distill.OnPolicyBatches(draft, prompts, 2, **kw)
+    again.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(nxt, next(again)))
+    fresh = distill.OnPolicyBatches(draft, prompts, 2, **kw)
+    next(fresh)
+    with torch.no_grad():
+        for w in draft.parameters():
+            w.mul_(1.5)                                          # the rollouts follow the draft as it is now
+    assert not all(torch.equal(a, b) for a, b in zip(nxt, next(fresh)))
+
+
 # -----------------------------------------------------------------------------
 # training and bad input
 
@@ -305,6 +369,53 @@ def test_train_resumes_exactly(folders, smollm2_tok, tmp_path):
     assert a["losses"] + b["losses"] == pytest.approx(full["losses"], abs=1e-6)
     wa, wb = (checkpoint.load_model(str(tmp_path / n)).state_dict() for n in ("full", "split"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_stored_top_k_data_trains_without_a_target_pass(folders, smollm2_tok, tmp_path, capsys):
+    write_prompts(tmp_path / "p.jsonl")
+    distill.main(["generate", "--target", str(folders / "target"), "--prompts", str(tmp_path / "p.jsonl"), "--out",
+                  str(tmp_path / "gen"), "--temperatures", "1", "--max-new-tokens", "5", "--max-prompt-tokens", "128",
+                  "--store-top-k", "4"])
+    rows = [r for rs in shard_rows(tmp_path / "gen").values() for r in rs]
+    assert rows and all(len(r["top_k_ids"]) == len(r["top_k_logprobs"]) == len(r["completion_ids"]) for r in rows)
+    assert all(len(k) == 4 and k[0] >= k[-1] for r in rows for k in r["top_k_logprobs"])
+    argv = ["train", "--draft", str(folders / "draft"), "--data", str(tmp_path / "gen"), "--loss", "kl",
+            "--max-steps", "6", "--lr", "3e-2", "--batch-size", "4", "--val-fraction", "0", "--eval-every", "0",
+            "--log-every", "1"]
+    distill.main([*argv, "--out", str(tmp_path / "ft"), "--json", str(tmp_path / "r.json")])
+    assert "top-k stored in the data: no teacher pass" in capsys.readouterr().out
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["losses"][-1] < r["losses"][0] - 0.5
+    with pytest.raises(common.UserError, match="--teacher stored needs"):
+        distill.main(["train", "--draft", str(folders / "draft"), "--data", str(tmp_path / "gen"), "--loss", "ce",
+                      "--teacher", "stored", "--out", str(tmp_path / "bad")])
+
+
+def test_on_policy_training_lowers_its_loss_and_resumes_exactly(folders, tmp_path):
+    (tmp_path / "p.txt").write_text("".join(f"Say something about the number {i}.\n" for i in range(12)))
+    target = tiny(seed=5, tie_embeddings=False)
+    with torch.no_grad():
+        target.lm_head.weight.mul_(30)   # a peaked teacher: something definite to learn
+    checkpoint.save_model(target, str(tmp_path / "target"))
+    argv = ["train", "--draft", str(folders / "draft"), "--target", str(tmp_path / "target"), "--on-policy",
+            str(tmp_path / "p.txt"), "--loss", "kl", "--rollout-tokens", "6", "--rollout-temperatures", "1,0",
+            "--max-steps", "6", "--lr", "1e-2", "--batch-size", "4", "--eval-every", "0", "--log-every", "1"]
+    distill.main([*argv, "--out", str(tmp_path / "full"), "--json", str(tmp_path / "full.json")])
+    distill.main([*argv, "--out", str(tmp_path / "split"), "--stop-at", "3", "--json", str(tmp_path / "a.json")])
+    distill.main(["train", "--resume", str(tmp_path / "split"), "--json", str(tmp_path / "b.json")])
+    full, a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("full", "a", "b"))
+    assert a["losses"] + b["losses"] == pytest.approx(full["losses"], abs=1e-6)
+    wa, wb = (checkpoint.load_model(str(tmp_path / n)).state_dict() for n in ("full", "split"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # the trained draft is closer to the target on text it writes itself (a fixed batch of its rollouts)
+    prompts = [[1] + list(range(100 + 7 * i, 105 + 7 * i)) for i in range(8)]
+    kl = distill.make_loss_fn(checkpoint.load_model(str(tmp_path / "target")), "kl")
+    before, after = (checkpoint.load_model(str(p)) for p in (folders / "draft", tmp_path / "full"))
+    batch = [next(distill.OnPolicyBatches(m, prompts, 8, max_new_tokens=6, temperatures=[1.0], stop_ids=(),
+                                          seq_len=64)) for m in (before, after)]
+    assert kl(after, *batch[1]).item() < 0.99 * kl(before, *batch[0]).item()
+    with pytest.raises(common.UserError, match="--on-policy needs a token-level --loss"):
+        distill.main([*argv, "--loss", "ce", "--out", str(tmp_path / "bad")])
 
 
 @pytest.mark.parametrize("case, message", [
