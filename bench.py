@@ -182,11 +182,17 @@ def read_task(task, source, limit):
     raise UserError(f"task {task!r}: source {source!r} is not a file or an hf: data set")
 
 
+REPORTED_LIMITS = (10, 20)   # bench's default --limit and the one README's tables use
+
+
 def tuning_texts(task, source, limit):
-    """The tuning set: `limit` texts of the task that the reported set (read_task) does not hold, so a default
-    chosen on them (e.g. the draft-length rule's P) is not scored on the prompts it was chosen with."""
-    reported = set(read_task(task, source, limit))
-    return pick_evenly([t for t in read_task(task, source, 3 * limit) if t not in reported], limit)
+    """The tuning set: `limit` texts of the task that no reported set (read_task at this limit, at the default one
+    or at README's) holds, so a default chosen on them (e.g. the draft-length rule's P, a training recipe) is not
+    scored on the prompts it was chosen with. (The sets of different limits are not nested: prose passages are
+    spread over a pool whose size follows the limit.)"""
+    reported = set(read_task(task, source, limit)).union(*(read_task(task, source, n) for n in REPORTED_LIMITS))
+    pool = read_task(task, source, 3 * max(limit, *REPORTED_LIMITS))
+    return pick_evenly([t for t in pool if t not in reported], limit)
 
 
 def task_prompts(task, texts, tok):

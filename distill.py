@@ -3,6 +3,8 @@ Stage 3 of FastDraft: align the draft to its target (Zafrir et al., ACL 2025, ar
 
     python distill.py generate --target smollm2 --prompts magpie:200,code:builtin:code:200 --out data/synth
     python distill.py train --draft out/cp --target smollm2 --data data/synth --out out/ft
+    python distill.py train --draft out/ft --target smollm2 --on-policy magpie:640,code:builtin:code:900 --loss tvd \
+        --out out/op
     python distill.py trim --draft out/ft --head-vocab 8192 --data data/synth --out out/ft-8k
 
 `generate`: the target answers every prompt (synthetic.py: the sources, the folder format) at several temperatures
@@ -10,7 +12,10 @@ and greedily, as in the paper, in left-padded batches sharing one static KV cach
 itself ("Magpie", Xu et al. 2024: fed only its chat template's user-turn prefix, it writes a user's request).
 `train`: fine-tune the draft on prompt + completion, loss on the completion only. `--loss ce` (the default) is
 sequence-level knowledge distillation (Kim & Rush 2016); kl, tvd, ce+kl, ce+tvd are the token-level variants the
-paper compares, against the target's distribution computed on the fly. The loop and the rest are train.py's.
+paper compares, against the target's distribution: computed on the fly, or read from the top-k `generate
+--store-top-k K` kept while the target wrote the data (no second target pass). `train --on-policy SOURCES`: the
+draft writes its own continuations of the prompts and learns, with a token-level loss, the target's distribution
+at every position of them (on-policy distillation). The loop and the rest are train.py's.
 `trim`: the draft's head keeps only the K tokens the target writes most (VocabTrim): a cheaper draft step.
 """
 

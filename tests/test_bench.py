@@ -273,6 +273,9 @@ def test_peer_hf_times_assisted_generation_on_the_same_pair(models):
 
 def test_tuning_prompts_are_disjoint_from_the_reported_ones():
     """A setting chosen on --prompt-set tune (the draft-length rule's default) is never scored on its own prompts."""
-    for task in ("code", "instruct"):
-        reported, tuning = bench.read_task(task, None, 8), bench.tuning_texts(task, None, 8)
-        assert len(tuning) == 8 and not set(reported) & set(tuning)
+    for task in bench.TASKS:
+        for n in (5, 10):
+            tuning = set(bench.tuning_texts(task, None, n))
+            assert len(tuning) == n
+            for limit in (n, 10, 20):   # this run's reported set, bench's default one and README's
+                assert not tuning & set(bench.read_task(task, None, limit)), (task, n, limit)
