@@ -5,7 +5,12 @@
 #   2. PT  pretrain a draft on prose + code, its embedding table initialised from the target's (SVD to the
 #          draft's width), its head trimmed to the K tokens the target writes most     (pretrain.py)
 #   3. FT  fine-tune it on the target's text (sequence-level distillation)  (distill.py train)
-#   4.     the benchmark: every task, greedy and T 0.6, 128 new tokens      (bench.py)
+#   4. OP  on-policy distillation: the draft continues the alignment prompts itself, the target scores every
+#          position of that text, the draft learns the target's distribution there (TVD)  (distill.py train
+#          --on-policy)
+#   5.     the benchmark: every task, greedy and T 0.6, 128 new tokens      (bench.py)
+# A stage whose output folder exists is skipped: to add OP to the shipped draft alone,
+#   mkdir -p runs/r && cp -r drafts/smollm2-135m runs/r/ft && OUT=runs/r bash recipe.sh
 # Each budget is an environment variable: OUT=runs/big PT_TOKENS=3e7 bash recipe.sh
 # The defaults are the shipped draft's budget: about 2 hours on a 2-core CPU (README: "Results"); the
 # Gaudi / CUDA user turns the budgets up and adds --device.
@@ -26,10 +31,14 @@ HEAD_VOCAB=${HEAD_VOCAB:-8192}         # the draft predicts the 8k tokens the ta
 PT_TOKENS=${PT_TOKENS:-6e6}
 FT_EPOCHS=${FT_EPOCHS:-3}
 FT_LR=${FT_LR:-1e-3}
+OP_STEPS=${OP_STEPS:-300}              # on-policy steps of 8 rollouts of 96 tokens (0: no OP stage)
+OP_LOSS=${OP_LOSS:-tvd}
+OP_KD_T=${OP_KD_T:-1}                  # the temperature both distributions are compared at
 LIMIT=${LIMIT:-20}                     # benchmark prompts per task
 mkdir -p "$OUT"
 log() { echo "[$(date +%H:%M:%S)] $*"; }
 
+if [ ! -f "$OUT/ft/config.json" ]; then
 log "1: the target writes the alignment set (resumable)"
 python distill.py generate --target "$TARGET" --prompts "code:builtin:code:$CODE_PROMPTS" \
     --temperatures "$TEMPERATURES" --max-new-tokens "$GEN_TOKENS" --batch-size 64 --device "$DEVICE" \
@@ -49,7 +58,25 @@ if [ ! -f "$OUT/ft/config.json" ]; then
     python distill.py train --draft "$OUT/pt" --target "$TARGET" --data "$OUT/align1,$OUT/align2" \
         --epochs "$FT_EPOCHS" --lr "$FT_LR" --dtype bfloat16 --device "$DEVICE" --out "$OUT/ft" --json "$OUT/ft.json"
 fi
-log "4: the benchmark, PT and FT, every task, greedy and T 0.6"
-python bench.py --target "$TARGET" --stages "PT=$OUT/pt,FT=$OUT/ft" --gamma 3 --temperature 0,0.6 \
+fi
+FINAL="$OUT/ft"
+if [ "$OP_STEPS" -gt 0 ]; then
+    if [ ! -f "$OUT/op.json" ]; then   # written when the stage ends
+        log "4 (OP): on-policy distillation, $OP_STEPS steps (resumable)"
+        OP_ARGS=(--draft "$OUT/ft" --target "$TARGET" --out "$OUT/op")
+        [ -f "$OUT/op/train_state.pt" ] && OP_ARGS=(--resume "$OUT/op")
+        python distill.py train "${OP_ARGS[@]}" \
+            --on-policy "code:builtin:code:$CODE_PROMPTS,magpie:$MAGPIE,text:builtin:prose:$TEXT_PROMPTS" \
+            --loss "$OP_LOSS" --kd-temperature "$OP_KD_T" --rollout-tokens 96 --seq-len 384 --batch-size 8 \
+            --max-steps "$OP_STEPS" --lr 3e-4 --dtype bfloat16 --eval-every 0 --save-every 50 --device "$DEVICE" \
+            --json "$OUT/op.json"
+    fi
+    FINAL="$OUT/op"
+fi
+STAGES="FT=$OUT/ft"
+[ -f "$OUT/pt/config.json" ] && STAGES="PT=$OUT/pt,$STAGES"
+[ "$FINAL" = "$OUT/op" ] && STAGES="$STAGES,OP=$OUT/op"
+log "5: the benchmark, every stage, every task, greedy and T 0.6"
+python bench.py --target "$TARGET" --stages "$STAGES" --gamma 3 --temperature 0,0.6 \
     --limit "$LIMIT" --max-new-tokens 128 --device "$DEVICE" --json "$OUT/bench.json" | tee "$OUT/bench.md"
-log "done: $OUT/bench.md; the draft is $OUT/ft"
+log "done: $OUT/bench.md; the draft is $FINAL"
