@@ -41,6 +41,7 @@ from tqdm import tqdm
 import checkpoint
 import common
 import data
+import model
 import peers
 import speculative
 import synthetic
@@ -443,6 +444,8 @@ def main(argv=None):
     p.add_argument("--top-p", type=float, default=None, help="top-p filter for both models")
     p.add_argument("--max-new-tokens", type=int, default=64, help="new tokens per prompt (fewer if it stops)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps|hpu")
+    p.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=True,
+                   help="bf16 on a CPU: weights laid out once for oneDNN, as speculative.py (--no-prepack: off)")
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on cuda and hpu; on a CPU with bf16 units, "
                    "each job in the dtype measured fastest for it; else float32)|float32|bfloat16|float16")
     p.add_argument("--compile", action="store_true", help="torch.compile every model's layers (slow first steps)")
@@ -486,13 +489,16 @@ def main(argv=None):
                         "head_vocab": None if draft.head_ids is None else len(draft.head_ids)}
     # every draft and the target of the speculative runs in one dtype, plain decoding in its fastest (the speedup
     # is quoted against it, and against plain decoding in the speculative runs' dtype where that differs)
-    dtypes = speculative.fastest_dtypes(target, drafts[0][1], max(args.gamma)) if measure_dtype else \
+    dtypes = speculative.fastest_dtypes(target, drafts[0][1], max(args.gamma), args.prepack) if measure_dtype else \
         {"autoregressive": dtype, "speculative": dtype}
     bases = [speculative.in_dtype(target, dtypes["autoregressive"])]
     dtype = dtypes["speculative"]
     target = speculative.in_dtype(target, dtype)
     drafts = [(name, speculative.in_dtype(d, dtype)) for name, d in drafts]
     bases += [target] if bases[0] is not target else []
+    if args.prepack:   # bf16 on a CPU only (model.prepack_for_cpu), each model object once
+        for m in {id(m): m for m in (target, *(d for _, d in drafts), *bases)}.values():
+            model.prepack_for_cpu(m)
     if args.compile:
         speculative.compile_models(device, target, *(d for _, d in drafts), *bases)
     stop_ids = set(tok.stop_ids)

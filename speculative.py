@@ -464,8 +464,9 @@ def main():
                                                     "units, else float32)|float32|bfloat16|float16")
     ap.add_argument("--compile", action="store_true", help="torch.compile both models' layers (slow first steps; "
                     "CUDA graphs on cuda)")
-    ap.add_argument("--prepack", action="store_true", help="bf16 on a CPU: lay the weights out once for oneDNN "
-                    "(faster steps where bf16 matmuls pay a per-call reorder, e.g. AMX Xeons; more memory)")
+    ap.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=True, help="bf16 on a CPU: lay the "
+                    "weights out once for oneDNN (faster steps where bf16 matmuls pay a per-call reorder, e.g. AMX "
+                    "Xeons; the weights' memory twice); --dtype auto times it against fp32 per job")
     ap.add_argument("--visualize", action="store_true", help="colour accepted draft and target-sampled tokens apart")
     ap.add_argument("--compare", action="store_true", help="also time the autoregressive baseline: both speeds and "
                     "the wall-clock speedup (bench.py measures what each forward costs and predicts the speedup)")
