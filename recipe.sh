@@ -5,14 +5,15 @@
 #   2. PT  pretrain a draft on prose + code, its embedding table initialised from the target's (SVD to the
 #          draft's width), its head trimmed to the K tokens the target writes most     (pretrain.py)
 #   3. FT  fine-tune it on the target's text (sequence-level distillation)  (distill.py train)
-#   4. OP  on-policy distillation: the draft continues the alignment prompts itself, the target scores every
-#          position of that text, the draft learns the target's distribution there (TVD)  (distill.py train
-#          --on-policy)
-#   5.     the benchmark: every task, greedy and T 0.6, 128 new tokens      (bench.py)
-# A stage whose output folder exists is skipped: to add OP to the shipped draft alone,
-#   mkdir -p runs/r && cp -r drafts/smollm2-135m runs/r/ft && OUT=runs/r bash recipe.sh
+#   4. KD  the target writes more answers, keeping its top-16 tokens and log-probs at every token; the draft
+#          learns those distributions (TVD, no target pass)      (distill.py generate --store-top-k, train)
+#   5. OP  (off by default: it cost acceptance here, README "Results") on-policy distillation: the draft continues
+#          the prompts itself and learns the target's distribution on its own text    (distill.py train --on-policy)
+#   6.     the benchmark: every task, greedy and T 0.6, 128 new tokens      (bench.py)
+# A stage whose output exists is skipped: to add KD to a draft made before it (the 30 Nov one),
+#   mkdir -p runs/r && cp -r OLD_DRAFT runs/r/ft && OUT=runs/r bash recipe.sh
 # Each budget is an environment variable: OUT=runs/big PT_TOKENS=3e7 bash recipe.sh
-# The defaults are the shipped draft's budget: about 2 hours on a 2-core CPU (README: "Results"); the
+# The defaults are the shipped draft's budget: about 2.5 hours on a 2-core CPU (README: "Results"); the
 # Gaudi / CUDA user turns the budgets up and adds --device.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -31,7 +32,8 @@ HEAD_VOCAB=${HEAD_VOCAB:-8192}         # the draft predicts the 8k tokens the ta
 PT_TOKENS=${PT_TOKENS:-6e6}
 FT_EPOCHS=${FT_EPOCHS:-3}
 FT_LR=${FT_LR:-1e-3}
-OP_STEPS=${OP_STEPS:-300}              # on-policy steps of 8 rollouts of 96 tokens (0: no OP stage)
+KD_STEPS=${KD_STEPS:-330}              # steps of 8 rows on the stored top-16 (~2 epochs; 0: no KD stage)
+OP_STEPS=${OP_STEPS:-0}                # on-policy steps of 8 rollouts of 96 tokens (0: no OP stage)
 OP_LOSS=${OP_LOSS:-tvd}
 OP_KD_T=${OP_KD_T:-1}                  # the temperature both distributions are compared at
 LIMIT=${LIMIT:-20}                     # benchmark prompts per task
@@ -60,10 +62,27 @@ if [ ! -f "$OUT/ft/config.json" ]; then
 fi
 fi
 FINAL="$OUT/ft"
+if [ "$KD_STEPS" -gt 0 ]; then
+    log "4 (KD): the target writes more answers with its top-16 (resumable); the draft learns them (TVD)"
+    python distill.py generate --target "$TARGET" --prompts code:builtin:code:160,magpie:128,text:builtin:prose:64 \
+        --temperatures 0.6 --max-new-tokens "$GEN_TOKENS" --batch-size 64 --store-top-k 16 --device "$DEVICE" \
+        --seed 13 --out "$OUT/kd1"
+    python distill.py generate --target "$TARGET" --prompts code:builtin:code:600,magpie:256,text:builtin:prose:200 \
+        --temperatures 0.6 --max-new-tokens "$GEN_TOKENS" --batch-size 64 --store-top-k 16 --device "$DEVICE" \
+        --seed 14 --out "$OUT/kd2"
+    if [ ! -f "$OUT/kd.json" ]; then   # written when the stage ends
+        KD_ARGS=(--draft "$FINAL" --target "$TARGET" --out "$OUT/kd")
+        [ -f "$OUT/kd/train_state.pt" ] && KD_ARGS=(--resume "$OUT/kd")
+        python distill.py train "${KD_ARGS[@]}" --data "$OUT/kd1,$OUT/kd2" --loss tvd --max-steps "$KD_STEPS" \
+            --batch-size 8 --seq-len 384 --lr 3e-4 --val-fraction 0 --dtype bfloat16 --eval-every 0 --device "$DEVICE" \
+            --json "$OUT/kd.json"
+    fi
+    FINAL="$OUT/kd"
+fi
 if [ "$OP_STEPS" -gt 0 ]; then
     if [ ! -f "$OUT/op.json" ]; then   # written when the stage ends
-        log "4 (OP): on-policy distillation, $OP_STEPS steps (resumable)"
-        OP_ARGS=(--draft "$OUT/ft" --target "$TARGET" --out "$OUT/op")
+        log "5 (OP): on-policy distillation, $OP_STEPS steps (resumable)"
+        OP_ARGS=(--draft "$FINAL" --target "$TARGET" --out "$OUT/op")
         [ -f "$OUT/op/train_state.pt" ] && OP_ARGS=(--resume "$OUT/op")
         python distill.py train "${OP_ARGS[@]}" \
             --on-policy "code:builtin:code:$CODE_PROMPTS,magpie:$MAGPIE,text:builtin:prose:$TEXT_PROMPTS" \
@@ -75,8 +94,9 @@ if [ "$OP_STEPS" -gt 0 ]; then
 fi
 STAGES="FT=$OUT/ft"
 [ -f "$OUT/pt/config.json" ] && STAGES="PT=$OUT/pt,$STAGES"
-[ "$FINAL" = "$OUT/op" ] && STAGES="$STAGES,OP=$OUT/op"
-log "5: the benchmark, every stage, every task, greedy and T 0.6"
+[ "$KD_STEPS" -gt 0 ] && STAGES="$STAGES,KD=$OUT/kd"
+[ "$OP_STEPS" -gt 0 ] && STAGES="$STAGES,OP=$OUT/op"
+log "6: the benchmark, every stage, every task, greedy and T 0.6"
 python bench.py --target "$TARGET" --stages "$STAGES" --gamma 3 --temperature 0,0.6 \
     --limit "$LIMIT" --max-new-tokens 128 --device "$DEVICE" --json "$OUT/bench.json" | tee "$OUT/bench.md"
 log "done: $OUT/bench.md; the draft is $FINAL"
