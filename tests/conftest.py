@@ -12,7 +12,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Per-machine measurements (speculative.fastest_dtypes) go to a throwaway folder, never the user's cache.
-os.environ.setdefault("FASTDRAFT_CACHE", tempfile.mkdtemp(prefix="fastdraft-test-cache-"))
+if "FASTDRAFT_CACHE" not in os.environ:
+    _cache = tempfile.TemporaryDirectory(prefix="fastdraft-test-cache-")   # removed when the session ends
+    os.environ["FASTDRAFT_CACHE"] = _cache.name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
