@@ -441,6 +441,12 @@ def compile_models(device, *models):
 # was 1.19 / 1.16 / 1.08x at P 0 / 0.3 / 0.5 (prepacked bf16: 1.28 / 1.26 / 1.18x). So the rule is off by
 # default, which also keeps a round to one host sync on accelerators; it helps where drafts are often wrong.
 DEFAULT_THRESHOLD = 0.0
+# The draft length's default, chosen the same way (5 Dec 2026, shipped draft with step KD, P 0, bench.py --prompt-set
+# tune --limit 10 --gamma 1,2,3, 96 tokens, prepacked bf16, quiet 2-core Intel Xeon, measured speedups over the
+# fastest plain decoding): geometric mean over the 4 tasks x 2 temperatures 1.17 / 1.24 / 1.18x at gamma 1 / 2 / 3
+# (results/ablation_23/gamma_tune.md). A round's verify costs a little more per extra token on a CPU, and this
+# draft's third token is accepted only 4-27% of the time.
+DEFAULT_GAMMA = 2
 
 
 def main():
@@ -451,7 +457,8 @@ def main():
                     "'smollm2' uses the target as its own draft; default: the draft shipped for the target)")
     ap.add_argument("--prompt", default="The three most useful ideas in computer science are", help="prompt text")
     ap.add_argument("--chat", action="store_true", help="wrap the prompt in the target's chat template")
-    ap.add_argument("--gamma", type=int, default=3, help="draft tokens per round (with a threshold: the most)")
+    ap.add_argument("--gamma", type=int, default=DEFAULT_GAMMA, help="draft tokens per round (with a threshold: "
+                    "the most)")
     ap.add_argument("--draft-threshold", type=float, default=DEFAULT_THRESHOLD, metavar="P", help="stop a round's "
                     "drafting where the draft's most likely token has probability < P (0 = off: always gamma)")
     ap.add_argument("--temperature", type=float, default=0.6, help="sampling temperature, 0 = greedy")
