@@ -445,7 +445,7 @@ DEFAULT_THRESHOLD = 0.0
 # tune --limit 10 --gamma 1,2,3, 96 tokens, prepacked bf16, quiet 2-core Intel Xeon, measured speedups over the
 # fastest plain decoding): geometric mean over the 4 tasks x 2 temperatures 1.17 / 1.24 / 1.18x at gamma 1 / 2 / 3
 # (results/ablation_23/gamma_tune.md). A round's verify costs a little more per extra token on a CPU, and this
-# draft's third token is accepted only 4-27% of the time.
+# draft's third token is accepted only 3-18% of the time.
 DEFAULT_GAMMA = 2
 
 
