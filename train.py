@@ -9,6 +9,7 @@ import ctypes
 import dataclasses
 import glob
 import importlib
+import inspect
 import json
 import math
 import os
@@ -219,8 +220,11 @@ def wrap(draft, loss_fn, device, dist, compile=False):
     """WithLoss, in DDP under torchrun, then compiled (dynamo then cuts graphs at DDP's buckets: overlap)."""
     model = WithLoss(draft, loss_fn)
     if dist.ddp:  # the buffers (RoPE tables, a trimmed head's ids) never change: no broadcast every forward
+        # (torch 2.13 renamed broadcast_buffers to forward_sync_buffers; the old name still works, with a warning)
+        params = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+        no_sync = {"forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers": False}
         model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[dist.local_rank] if device.type == "cuda" else None, broadcast_buffers=False)
+            model, device_ids=[dist.local_rank] if device.type == "cuda" else None, **no_sync)
     if compile:
         model = torch.compile(model, backend="hpu_backend" if device.type == "hpu" else "inductor")
     return model
@@ -369,6 +373,9 @@ def summary(report):
 def end_run(report, dist):
     """Leave the process group; a run stopped by a signal exits 128 + signum (unfinished: `&&` must not go on)."""
     if dist.ddp:
+        # every rank waits until the last has finished its work (rank 0 writes the report) before any tears its
+        # connections down: a gloo rank that left while its peer still held them once died with SIGABRT at exit
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     if report["stopped"] == "signal":
         sys.exit(128 + report["signal"])

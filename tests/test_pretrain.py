@@ -248,10 +248,16 @@ def test_torchrun_ranks_stay_in_step_and_match_one_process(corpus, tmp_path):
     common = ["--preset", "tiny", "--data", corpus, "--seq-len", str(SEQ), "--max-tokens",
               str(steps * 2 * TOKENS_PER_STEP), "--device", "cpu", "--lr", "1e-2", "--warmup", "1",
               "--val-batches", "0", "--log-every", "1", "--data-sharding", "rows"]
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "pretrain.py", *common, "--batch-size", str(BATCH), "--out", str(tmp_path / "ddp"),
-                          "--json", str(tmp_path / "ddp.json")],
-                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=180)
+    def torchrun():
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               "pretrain.py", *common, "--batch-size", str(BATCH), "--out", str(tmp_path / "ddp"),
+                               "--json", str(tmp_path / "ddp.json")],
+                              cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=180)
+    ddp = torchrun()
+    if ddp.returncode and "SIGABRT" in ddp.stderr and "draft saved" in ddp.stdout:
+        # a gloo rank once aborted while leaving, after the run had finished (CI, 6 Dec; 0 in 91 runs here since):
+        # one more try, and a run that fails twice (or fails before it finished) still fails the test
+        ddp = torchrun()
     assert ddp.returncode == 0, ddp.stdout + ddp.stderr
     assert "2 processes" in ddp.stdout
     one = run_main([*common, "--batch-size", str(2 * BATCH), "--out", str(tmp_path / "one")], tmp_path / "one.json")
