@@ -63,12 +63,12 @@ def check_speculative(device, target_spec, draft_dir, tok):
 
 def check_batched_generation(device, target_spec, tok):
     """Batched left-padded generation gives each row exactly what one-row generation gives."""
-    import distill
+    import generation
     target = checkpoint.load_model(target_spec, device=device, dtype=torch.float32)
     prompts = [tok.encode(t) for t in ("def add(a, b):", "The sky is", "import os\nimport sys\n\ndef main():")]
     static = device.type in ("cuda", "hpu")   # the fixed-shape path those devices use
-    batched, _ = distill.generate_batch(target, prompts, 12, temperature=0.0, static=static)
-    single = [distill.generate_batch(target, [p], 12, temperature=0.0, static=static)[0][0] for p in prompts]
+    batched = generation.generate_batch(target, prompts, 12, temperature=0.0, static=static)[0]
+    single = [generation.generate_batch(target, [p], 12, temperature=0.0, static=static)[0][0] for p in prompts]
     if batched != single:
         raise RuntimeError("batched greedy generation differs from one row at a time")
     return f"{len(prompts)} rows, batched == one at a time"

@@ -390,9 +390,9 @@ def pad_rows(rows, device="cpu", length=None):
     top_ids = torch.zeros(len(rows), T, k, dtype=torch.long)
     top_lp = torch.zeros(len(rows), T, k)
     for b, (_, _, ids, lps) in enumerate(rows):
-        for t, (i, v) in enumerate(zip(ids, lps)):
-            if i:
-                top_ids[b, t], top_lp[b, t] = torch.tensor(i), torch.tensor(v)
+        s = sum(1 for i in ids if not i)   # the prompt's positions come first and have none: one copy per row
+        if s < len(ids):
+            top_ids[b, s:len(ids)], top_lp[b, s:len(ids)] = torch.tensor(ids[s:]), torch.tensor(lps[s:])
     return x.to(device), y.to(device), top_ids.to(device), top_lp.to(device)           # + (B, T, k) twice
 
 

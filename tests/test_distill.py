@@ -13,6 +13,7 @@ import checkpoint
 import common
 import data
 import distill
+import generation
 import synthetic
 from conftest import ROOT, tiny_model
 from test_pretrain import host_syncs
@@ -46,8 +47,8 @@ def test_batched_generation_equals_one_row_at_a_time(static, monkeypatch):
              weight_std=0.3)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (1, 7, 3, 12, 5)]
-    alone = [distill.generate_batch(m, [p], 10, temperature=0)[0][0] for p in prompts]
-    batched, stopped, _ = distill.generate_batch(m, prompts, 10, temperature=0, static=static)
+    alone = [generation.generate_batch(m, [p], 10, temperature=0)[0][0] for p in prompts]
+    batched, stopped, _ = generation.generate_batch(m, prompts, 10, temperature=0, static=static)
     assert batched == alone and not any(stopped) and all(len(set(a)) > 3 for a in alone)
     # per-row stop: a token that row 1 emits third ends row 1 there and changes no other row's tokens
     # (finished rows leave the batch: the cache keeps only the live rows, and the others must not notice)
@@ -56,13 +57,13 @@ def test_batched_generation_equals_one_row_at_a_time(static, monkeypatch):
     kept, keep_rows, caches = [], m.keep_cache_rows, []
     monkeypatch.setattr(m, "keep_cache_rows", lambda rows, length: (kept.append(list(rows)), keep_rows(rows, length)))
     monkeypatch.setattr(m, "setup_cache", lambda B, S, f=m.setup_cache: (caches.append(S), f(B, S)))
-    batched, stopped, _ = distill.generate_batch(m, prompts, 10, temperature=0, stop_ids={stop}, static=static)
+    batched, stopped, _ = generation.generate_batch(m, prompts, 10, temperature=0, stop_ids={stop}, static=static)
     monkeypatch.undo()
     assert batched == cut and stopped[1] and len(batched[1]) <= 3
     assert kept and all(len(rows) < len(prompts) for rows in kept)
     if static:   # static shapes: a prompt bucket and power-of-two batches only
-        assert caches == [distill.PROMPT_BUCKET + 10] and all(len(rows) in (1, 2, 4) for rows in kept)
-    assert [distill.generate_batch(m, [p], 10, temperature=0, stop_ids={stop})[0][0] for p in prompts] == cut
+        assert caches == [generation.PROMPT_BUCKET + 10] and all(len(rows) in (1, 2, 4) for rows in kept)
+    assert [generation.generate_batch(m, [p], 10, temperature=0, stop_ids={stop})[0][0] for p in prompts] == cut
 
 
 def test_text_prompts_are_openings_of_training_passages(smollm2_tok):
@@ -76,7 +77,7 @@ def test_text_prompts_are_openings_of_training_passages(smollm2_tok):
 
 
 def test_user_turn_prefix_is_the_chat_templates(smollm2_tok):
-    prefix = distill.user_turn_prefix(smollm2_tok)
+    prefix = generation.user_turn_prefix(smollm2_tok)
     assert smollm2_tok.decode(prefix).endswith("<|im_start|>user\n")
     assert smollm2_tok.chat([{"role": "user", "content": "hello"}])[:len(prefix)] == prefix
 
@@ -114,9 +115,9 @@ def test_generation_is_sharded_and_resumable(folders, smollm2_tok, tmp_path):
     n_prompts = write_prompts(tmp_path / "p.jsonl")
     kw = dict(prompts=str(tmp_path / "p.jsonl"), out=str(tmp_path / "gen"), target_spec="t", temperatures=(0, 1),
               batch_size=3, max_new_tokens=3, max_prompt_tokens=128, log=lambda *a: None)
-    m0 = distill.generate_dataset(target, smollm2_tok, rank=0, world_size=2, **kw)
+    m0 = generation.generate_dataset(target, smollm2_tok, rank=0, world_size=2, **kw)
     assert m0["counts"]["dropped_eval"] == 2   # the benchmark's instruction and HumanEval's prompt never get in
-    distill.generate_dataset(target, smollm2_tok, rank=1, world_size=2, **kw)
+    generation.generate_dataset(target, smollm2_tok, rank=1, world_size=2, **kw)
     rows = shard_rows(tmp_path / "gen")
     by_rank = [{r["unit"] for name, rs in rows.items() if name.startswith(f"shard-r{k}-") for r in rs} for k in (0, 1)]
     assert by_rank[0] and by_rank[1] and not by_rank[0] & by_rank[1]       # disjoint shares, both non-empty
@@ -128,12 +129,12 @@ def test_generation_is_sharded_and_resumable(folders, smollm2_tok, tmp_path):
 
     mtimes = {n: os.path.getmtime(tmp_path / "gen" / n) for n in rows}
     for rank in (0, 1):
-        m = distill.generate_dataset(target, smollm2_tok, rank=rank, world_size=2, **kw)
+        m = generation.generate_dataset(target, smollm2_tok, rank=rank, world_size=2, **kw)
     assert shard_rows(tmp_path / "gen") == rows                            # a rerun adds nothing
     assert {n: os.path.getmtime(tmp_path / "gen" / n) for n in rows} == mtimes
     assert m["counts"]["examples"] == 2 * n_prompts and m["counts"]["units_done"] == m["counts"]["units_total"]
     with pytest.raises(common.UserError, match="other settings"):
-        distill.generate_dataset(target, smollm2_tok, **{**kw, "max_new_tokens": 4})
+        generation.generate_dataset(target, smollm2_tok, **{**kw, "max_new_tokens": 4})
 
 
 # -----------------------------------------------------------------------------
@@ -239,7 +240,7 @@ def test_stored_top_k_loss_equals_the_live_teacher_loss(loss, trimmed):
     with torch.no_grad():
         target.lm_head.weight.mul_(20)   # peaked distributions: a top-k truncation that matters
     prompts = [[5, 6, 7], [40, 41, 42, 43, 44]]
-    outs, _, top = distill.generate_batch(target, prompts, 8, temperature=1.0,
+    outs, _, top = generation.generate_batch(target, prompts, 8, temperature=1.0,
                                           generator=torch.Generator().manual_seed(0), store_top_k=6)
     draft = tiny(vocab=97, seed=3)
     if trimmed:   # a head holding every stored token (and others): the stored ids map to head positions
@@ -275,19 +276,19 @@ def test_on_policy_batches_are_the_drafts_own_text_and_resume_exactly(static):
     prompts = [[5, 6, 7], [40, 41, 42, 43, 44], [12, 13], [20, 21, 22, 23]]
     kw = dict(max_new_tokens=6, temperatures=[0.0, 1.0], stop_ids=(), seq_len=64, seed=3,
               length=16 if static else None)
-    batches = distill.OnPolicyBatches(draft, prompts, 2, **kw)
+    batches = generation.OnPolicyBatches(draft, prompts, 2, **kw)
     x, y = next(batches)                                         # batch 0: greedy, at temperature 0
     for row in range(2):
         completion = [t for t in y[row].tolist() if t != IGNORE]
         assert len(completion) == 6 and all(10 <= t < 97 for t in completion)
         start = (y[row] != IGNORE).nonzero()[0].item() + 1   # the prompt's length
-        assert distill.generate_batch(draft, [x[row, :start].tolist()], 6)[0][0] == completion
+        assert generation.generate_batch(draft, [x[row, :start].tolist()], 6)[0][0] == completion
     state = batches.state_dict()
     nxt = next(batches)                                          # batch 1: sampled, at temperature 1
-    again = distill.OnPolicyBatches(draft, prompts, 2, **kw)
+    again = generation.OnPolicyBatches(draft, prompts, 2, **kw)
     again.load_state_dict(state)
     assert all(torch.equal(a, b) for a, b in zip(nxt, next(again)))
-    fresh = distill.OnPolicyBatches(draft, prompts, 2, **kw)
+    fresh = generation.OnPolicyBatches(draft, prompts, 2, **kw)
     next(fresh)
     with torch.no_grad():
         for w in draft.parameters():
@@ -411,7 +412,7 @@ def test_on_policy_training_lowers_its_loss_and_resumes_exactly(folders, tmp_pat
     prompts = [[1] + list(range(100 + 7 * i, 105 + 7 * i)) for i in range(8)]
     kl = distill.make_loss_fn(checkpoint.load_model(str(tmp_path / "target")), "kl")
     before, after = (checkpoint.load_model(str(p)) for p in (folders / "draft", tmp_path / "full"))
-    batch = [next(distill.OnPolicyBatches(m, prompts, 8, max_new_tokens=6, temperatures=[1.0], stop_ids=(),
+    batch = [next(generation.OnPolicyBatches(m, prompts, 8, max_new_tokens=6, temperatures=[1.0], stop_ids=(),
                                           seq_len=64)) for m in (before, after)]
     assert kl(after, *batch[1]).item() < 0.99 * kl(before, *batch[0]).item()
     with pytest.raises(common.UserError, match="--on-policy needs a token-level --loss"):
