@@ -10,7 +10,7 @@
 #   5. OP  (off by default: it cost acceptance here, README "Results") on-policy distillation: the draft continues
 #          the prompts itself and learns the target's distribution on its own text    (distill.py train --on-policy)
 #   6.     the benchmark: every task, greedy and T 0.6, 128 new tokens      (bench.py)
-# A stage whose output exists is skipped: to add KD to a draft made before it (the 30 Nov one),
+# Rerun after a stop: a finished stage is skipped, an unfinished one resumes. To add KD to an older draft (30 Nov),
 #   mkdir -p runs/r && cp -r OLD_DRAFT runs/r/ft && OUT=runs/r bash recipe.sh
 # Each budget is an environment variable: OUT=runs/big PT_TOKENS=3e7 bash recipe.sh
 # The defaults are the shipped draft's budget: about 2.5 hours on a 2-core CPU (README: "Results"); the
@@ -39,8 +39,13 @@ OP_KD_T=${OP_KD_T:-1}                  # the temperature both distributions are 
 LIMIT=${LIMIT:-20}                     # benchmark prompts per task
 mkdir -p "$OUT"
 log() { echo "[$(date +%H:%M:%S)] $*"; }
+# A training stage is finished when its --json says it ran to its last step ("stopped": null; a run stopped by a
+# signal writes it too), or when its folder is a draft with no training state (copied in). An unfinished one with
+# a checkpoint continues with --resume (its flags are then the checkpoint's).
+finished() { grep -qs '"stopped": null' "$OUT/$1.json" || { [ -f "$OUT/$1/config.json" ] && [ ! -f "$OUT/$1/train_state.pt" ]; }; }
+start_or_resume() { if [ -f "$OUT/$1/train_state.pt" ]; then echo --resume "$OUT/$1"; fi; }
 
-if [ ! -f "$OUT/ft/config.json" ]; then
+if ! finished ft; then
 log "1: the target writes the alignment set (resumable)"
 python distill.py generate --target "$TARGET" --prompts "code:builtin:code:$CODE_PROMPTS" \
     --temperatures "$TEMPERATURES" --max-new-tokens "$GEN_TOKENS" --batch-size 64 --device "$DEVICE" \
@@ -48,18 +53,18 @@ python distill.py generate --target "$TARGET" --prompts "code:builtin:code:$CODE
 python distill.py generate --target "$TARGET" --prompts "magpie:$MAGPIE,text:builtin:prose:$TEXT_PROMPTS" \
     --temperatures "$TEMPERATURES" --max-new-tokens "$GEN_TOKENS" --batch-size 64 --device "$DEVICE" \
     --seed 12 --out "$OUT/align2" --json "$OUT/align2.json"
-if [ ! -f "$OUT/pt/config.json" ]; then
-    log "2 (PT): pretrain on prose + code, $PT_TOKENS tokens, head of $HEAD_VOCAB tokens"
-    python pretrain.py --target "$TARGET" --preset "$PRESET" --init-from-target "$TARGET" \
-        --head-vocab "$HEAD_VOCAB" --head-vocab-from "$OUT/align1" --data "builtin:prose=0.5,builtin:code=0.5" \
-        --seq-len 256 --batch-size 8 --max-tokens "$PT_TOKENS" --dtype bfloat16 --device "$DEVICE" \
-        --out "$OUT/pt" --json "$OUT/pt.json"
+if ! finished pt; then
+    log "2 (PT): pretrain on prose + code, $PT_TOKENS tokens, head of $HEAD_VOCAB tokens (resumable)"
+    if [ -f "$OUT/pt/train_state.pt" ]; then PT_ARGS=(--resume "$OUT/pt"); else
+        PT_ARGS=(--target "$TARGET" --preset "$PRESET" --init-from-target "$TARGET" --head-vocab "$HEAD_VOCAB"
+                 --head-vocab-from "$OUT/align1" --data "builtin:prose=0.5,builtin:code=0.5" --seq-len 256
+                 --batch-size 8 --dtype bfloat16); fi
+    python pretrain.py "${PT_ARGS[@]}" --max-tokens "$PT_TOKENS" --device "$DEVICE" --out "$OUT/pt" \
+        --json "$OUT/pt.json"
 fi
-if [ ! -f "$OUT/ft/config.json" ]; then
-    log "3 (FT): fine-tune the draft on the target's text"
-    python distill.py train --draft "$OUT/pt" --target "$TARGET" --data "$OUT/align1,$OUT/align2" \
-        --epochs "$FT_EPOCHS" --lr "$FT_LR" --dtype bfloat16 --device "$DEVICE" --out "$OUT/ft" --json "$OUT/ft.json"
-fi
+log "3 (FT): fine-tune the draft on the target's text (resumable)"
+python distill.py train $(start_or_resume ft) --draft "$OUT/pt" --target "$TARGET" --data "$OUT/align1,$OUT/align2" \
+    --epochs "$FT_EPOCHS" --lr "$FT_LR" --dtype bfloat16 --device "$DEVICE" --out "$OUT/ft" --json "$OUT/ft.json"
 fi
 FINAL="$OUT/ft"
 if [ "$KD_STEPS" -gt 0 ]; then
@@ -70,21 +75,18 @@ if [ "$KD_STEPS" -gt 0 ]; then
     python distill.py generate --target "$TARGET" --prompts code:builtin:code:600,magpie:256,text:builtin:prose:200 \
         --temperatures 0.6 --max-new-tokens "$GEN_TOKENS" --batch-size 64 --store-top-k 16 --device "$DEVICE" \
         --seed 14 --out "$OUT/kd2"
-    if [ ! -f "$OUT/kd.json" ]; then   # written when the stage ends
-        KD_ARGS=(--draft "$FINAL" --target "$TARGET" --out "$OUT/kd")
-        [ -f "$OUT/kd/train_state.pt" ] && KD_ARGS=(--resume "$OUT/kd")
-        python distill.py train "${KD_ARGS[@]}" --data "$OUT/kd1,$OUT/kd2" --loss tvd --max-steps "$KD_STEPS" \
+    if ! finished kd; then
+        python distill.py train $(start_or_resume kd) --draft "$FINAL" --target "$TARGET" --out "$OUT/kd" \
+            --data "$OUT/kd1,$OUT/kd2" --loss tvd --max-steps "$KD_STEPS" \
             --batch-size 8 --seq-len 384 --lr 3e-4 --val-fraction 0 --dtype bfloat16 --eval-every 0 --device "$DEVICE" \
             --json "$OUT/kd.json"
     fi
     FINAL="$OUT/kd"
 fi
 if [ "$OP_STEPS" -gt 0 ]; then
-    if [ ! -f "$OUT/op.json" ]; then   # written when the stage ends
+    if ! finished op; then
         log "5 (OP): on-policy distillation, $OP_STEPS steps (resumable)"
-        OP_ARGS=(--draft "$FINAL" --target "$TARGET" --out "$OUT/op")
-        [ -f "$OUT/op/train_state.pt" ] && OP_ARGS=(--resume "$OUT/op")
-        python distill.py train "${OP_ARGS[@]}" \
+        python distill.py train $(start_or_resume op) --draft "$FINAL" --target "$TARGET" --out "$OUT/op" \
             --on-policy "code:builtin:code:$CODE_PROMPTS,magpie:$MAGPIE,text:builtin:prose:$TEXT_PROMPTS" \
             --loss "$OP_LOSS" --kd-temperature "$OP_KD_T" --rollout-tokens 96 --seq-len 384 --batch-size 8 \
             --max-steps "$OP_STEPS" --lr 3e-4 --dtype bfloat16 --eval-every 0 --save-every 50 --device "$DEVICE" \
