@@ -28,7 +28,7 @@ PROMPT_BUCKET = 64   # static shapes (cuda, hpu): prompt lengths are left-padded
 
 
 # -----------------------------------------------------------------------------
-# batched generation
+# batched generation: B prompts of different lengths, one forward a token
 
 def seed_for(seed, key):
     """A seed for one work unit that depends only on (--seed, the unit), not on which rank runs it."""
@@ -98,6 +98,9 @@ def generate_batch(model, prompts, max_new_tokens, temperature=0.0, top_p=None, 
     model.clear_cache()
     return out, stopped, top
 
+
+# -----------------------------------------------------------------------------
+# the target writes: its own instructions (Magpie), then the alignment data set, unit by unit
 
 def magpie_instructions(target, tok, out, c, n, seed, max_tokens, static):
     """Magpie (Xu et al. 2024): fed only the user-turn prefix, the target writes n user instructions itself.

@@ -34,6 +34,8 @@ runs = {
     "ours SD bf16 P0.3": lambda: ours(lambda: S.generate(t16, d16, ids, N, gamma=3, draft_threshold=0.3, **kw)),
     "ours SD bf16 prepack P0.3": lambda: ours(lambda: S.generate(t16p, d16p, ids, N, gamma=3, draft_threshold=0.3, **kw)),
     "ours SD bf16 prepack P0": lambda: ours(lambda: S.generate(t16p, d16p, ids, N, gamma=3, draft_threshold=0.0, **kw)),
+    "ours SD bf16 prepack P0 gamma 2": lambda: ours(lambda: S.generate(t16p, d16p, ids, N, gamma=2, **kw)),
+    "llama.cpp + draft F16 P0 gamma 2": lambda: (lambda r: (r["new_tokens"] / r["seconds"], r["accepted"] / r["drafted"]))(peers.run_llama_cpp(BIN + "llama-speculative-simple", MODELS, text, args, 2, 0.0)),
 }
 for f in runs.values():  # warm-up
     f()
