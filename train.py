@@ -374,7 +374,7 @@ def end_run(report, dist):
     """Leave the process group; a run stopped by a signal exits 128 + signum (unfinished: `&&` must not go on)."""
     if dist.ddp:
         # every rank waits until the last has finished its work (rank 0 writes the report) before any tears its
-        # connections down: a gloo rank that left while its peer still held them once died with SIGABRT at exit
+        # connections down (a gloo rank once died with SIGABRT while leaving, its peer still writing; torch 2.13)
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     if report["stopped"] == "signal":
