@@ -379,6 +379,12 @@ class Transformer(nn.Module):
             self._head_rows = (key, w[self.head_ids].contiguous())
         return F.linear(h, self._head_rows[1]).float()
 
+    def train(self, mode=True):
+        """nn.Module.train, and the head rows kept for decoding are dropped: weights change while training, and a
+        fused optimizer (AdamW(fused=True), the default on CPU and CUDA) updates them without bumping `_version`."""
+        self._head_rows = None
+        return super().train(mode)
+
     @property
     def is_trimmed(self):
         """True when the head predicts a subset of the vocabulary (trim_head)."""
