@@ -441,11 +441,11 @@ def compile_models(device, *models):
 # was 1.19 / 1.16 / 1.08x at P 0 / 0.3 / 0.5 (prepacked bf16: 1.28 / 1.26 / 1.18x). So the rule is off by
 # default, which also keeps a round to one host sync on accelerators; it helps where drafts are often wrong.
 DEFAULT_THRESHOLD = 0.0
-# The draft length's default, chosen the same way (5 Dec 2026, shipped draft with step KD, P 0, bench.py --prompt-set
+# The draft length's default, chosen the same way (5 Dec 2026, the 5 Dec draft (5M PT tokens + KD), P 0, bench.py --prompt-set
 # tune --limit 10 --gamma 1,2,3, 96 tokens, prepacked bf16, quiet 2-core Intel Xeon, measured speedups over the
 # fastest plain decoding): geometric mean over the 4 tasks x 2 temperatures 1.17 / 1.24 / 1.18x at gamma 1 / 2 / 3
 # (results/ablation_23/gamma_tune.md). A round's verify costs a little more per extra token on a CPU, and this
-# draft's third token is accepted only 3-18% of the time.
+# draft's third token is accepted only 3-18% of the time. On the reported prompts, one run (6 Dec): 1.15 vs 1.11x.
 DEFAULT_GAMMA = 2
 
 

@@ -175,17 +175,18 @@ def test_validation_in_the_loop_scores_the_weights_as_they_are_now(trimmed):
     """The loop validates with the draft in eval mode, where a tied trimmed head keeps its rows of the embedding
     between calls. The fused AdamW step does not bump a parameter's _version, so only train() dropping them keeps
     the next validation from scoring the old head (a 6 Dec pretraining run logged val 9.0 for weights worth 3.5)."""
+    def make():
+        m = tiny_model(tie_embeddings=True, weight_std=0.3)
+        return m.trim_head(list(range(0, 128, 2))) if trimmed else m
     torch.manual_seed(0)
-    m = tiny_model(tie_embeddings=True, weight_std=0.3)
-    m = m.trim_head(list(range(0, 128, 2))) if trimmed else m
+    m = make()
     optimizer = T.configure_optimizer(m, 0.1, 0.0, device=torch.device("cpu"))
     batches = [(torch.randint(0, 128, (2, 16)), torch.randint(0, 128, (2, 16)))]
     before = T.evaluate(m, batches, torch.device("cpu"))
     T.next_token_loss(m, *batches[0]).backward()
     optimizer.step()
     after = T.evaluate(m, batches, torch.device("cpu"))
-    fresh = tiny_model(tie_embeddings=True, weight_std=0.3)
-    fresh = fresh.trim_head(list(range(0, 128, 2))) if trimmed else fresh
+    fresh = make()
     fresh.load_state_dict(m.state_dict())
     assert after != before and after == pytest.approx(T.evaluate(fresh, batches, torch.device("cpu")), abs=1e-6)
 
